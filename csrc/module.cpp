@@ -1,0 +1,223 @@
+// pybind11 wiring only: argument conversion, GIL handling and error mapping. Logic lives in the
+// plain C++ files next to this one.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda_host.hpp"
+#include "errors.hpp"
+#include "net.hpp"
+#include "staging.hpp"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+// Lets Ctrl-C interrupt a wait running without the GIL: the wait calls this between slices.
+void check_python_signals() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+const ww::InterruptCheck kInterrupt = check_python_signals;
+
+// A Py_buffer held for the length of one call; holding it keeps the exporter's memory in place,
+// which is what makes releasing the GIL around a copy safe.
+class HeldBuffer {
+public:
+    HeldBuffer(py::handle obj, int flags, const char* role) {
+        if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+            py::error_already_set err;
+            throw py::type_error(std::string(role) + " must be a contiguous buffer (" +
+                                 std::string(py::str(err.value())) + ")");
+        }
+    }
+    ~HeldBuffer() { PyBuffer_Release(&view_); }
+    HeldBuffer(const HeldBuffer&) = delete;
+    HeldBuffer& operator=(const HeldBuffer&) = delete;
+    char* data() const { return static_cast<char*>(view_.buf); }
+    std::size_t size() const { return static_cast<std::size_t>(view_.len); }
+
+private:
+    Py_buffer view_{};
+};
+
+std::size_t non_negative(long long value, const char* name) {
+    if (value < 0) throw std::invalid_argument(std::string(name) + " must be >= 0, got " + std::to_string(value));
+    return static_cast<std::size_t>(value);
+}
+
+std::size_t copy_into(py::handle dst, long long dst_offset, py::handle src, long long threads) {
+    const std::size_t offset = non_negative(dst_offset, "dst_offset");
+    const std::size_t nthreads = non_negative(threads, "threads");
+    HeldBuffer out(dst, PyBUF_SIMPLE | PyBUF_WRITABLE, "dst");
+    HeldBuffer in(src, PyBUF_SIMPLE, "src");
+    if (offset > out.size() || in.size() > out.size() - offset) {
+        throw std::invalid_argument("copy of " + std::to_string(in.size()) + " bytes at offset " +
+                                    std::to_string(offset) + " does not fit a destination of " +
+                                    std::to_string(out.size()) + " bytes");
+    }
+    char* to = out.data() + offset;
+    const char* from = in.data();
+    const bool overlap = to < from + in.size() && from < to + in.size();
+    // Safe without the GIL: both buffers stay exported (pinned in place) until this returns.
+    py::gil_scoped_release nogil;
+    if (overlap) {
+        std::memmove(to, from, in.size());
+    } else {
+        ww::parallel_copy(to, from, in.size(),
+                          nthreads == 0 ? ww::default_copy_threads() : static_cast<unsigned>(nthreads));
+    }
+    return in.size();
+}
+
+ww::HostBuffer* host_buffer_of(PyObject* obj) {
+    return py::handle(obj).cast<ww::HostBuffer*>();
+}
+
+// Buffer protocol for HostBuffer, written by hand (not pybind11's def_buffer) so every export is
+// counted: close() refuses while views are alive, and StagingPool never reuses a viewed buffer.
+int host_buffer_getbuffer(PyObject* obj, Py_buffer* view, int flags) {
+    view->obj = nullptr;
+    ww::HostBuffer* buf = nullptr;
+    try {
+        buf = host_buffer_of(obj);
+    } catch (...) {
+        PyErr_SetString(PyExc_BufferError, "object is not a HostBuffer");
+        return -1;
+    }
+    if (buf == nullptr || buf->closed()) {
+        PyErr_SetString(PyExc_ValueError, "operation on a closed HostBuffer");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, obj, buf->data(), static_cast<Py_ssize_t>(buf->size()), 0, flags) != 0) {
+        return -1;
+    }
+    buf->add_export();
+    return 0;
+}
+
+void host_buffer_releasebuffer(PyObject* obj, Py_buffer*) {
+    try {
+        if (ww::HostBuffer* buf = host_buffer_of(obj)) buf->remove_export();
+    } catch (...) {
+        PyErr_Clear();
+    }
+}
+
+py::tuple accepted_tuple(const ww::Accepted& a) {
+    return py::make_tuple(a.fd, a.peer.family, a.peer.host, a.peer.port);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "weightwire's native core. Use weightwire.net and weightwire.staging instead.";
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const ww::OsError& e) {
+            // OSError(errno, msg) picks the errno's subclass (TimeoutError, ConnectionRefusedError…).
+            py::object exc = py::reinterpret_steal<py::object>(
+                PyObject_CallFunction(PyExc_OSError, "is", e.error_number(), e.what()));
+            if (exc) PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+        } catch (const ww::OutOfMemory& e) {
+            PyErr_SetString(PyExc_MemoryError, e.what());
+        } catch (const ww::BufferInUse& e) {
+            PyErr_SetString(PyExc_BufferError, e.what());
+        }
+    });
+
+    m.def("format_endpoint", &ww::format_endpoint, "host"_a, "port"_a);
+
+    py::class_<ww::Listener>(m, "Listener")
+        .def(py::init<const std::string&, int, int>(), "host"_a, "port"_a, "backlog"_a)
+        .def_property_readonly("family", [](const ww::Listener& l) { return l.local().family; })
+        .def_property_readonly("host", [](const ww::Listener& l) { return l.local().host; })
+        .def_property_readonly("port", [](const ww::Listener& l) { return l.local().port; })
+        .def_property_readonly("closed", &ww::Listener::closed)
+        .def("fileno", &ww::Listener::fd)
+        .def(
+            "accept",
+            [](ww::Listener& self, double timeout_s) {
+                ww::Accepted accepted;
+                {
+                    // Safe without the GIL: the Listener guards its fd with its own mutex.
+                    py::gil_scoped_release nogil;
+                    accepted = self.accept(timeout_s, kInterrupt);
+                }
+                return accepted_tuple(accepted);
+            },
+            "timeout_s"_a, "Wait for one connection: (fd, family, peer_host, peer_port).")
+        .def("close", &ww::Listener::close);
+
+    m.def(
+        "connect_tcp",
+        [](const std::string& host, int port, double timeout_s) {
+            // Safe without the GIL: only the copied arguments are used.
+            py::gil_scoped_release nogil;
+            return ww::connect_tcp(host, port, timeout_s, kInterrupt);
+        },
+        "host"_a, "port"_a, "timeout_s"_a);
+    m.def("route_source", &ww::route_source, "host"_a);
+    m.def("list_interfaces", [] {
+        py::list out;
+        for (const auto& i : ww::list_interfaces()) {
+            out.append(py::make_tuple(i.name, i.family, i.address, i.is_loopback, i.is_up));
+        }
+        return out;
+    });
+
+    m.def("page_size", &ww::page_size);
+    m.def("default_copy_threads", &ww::default_copy_threads);
+    m.def("cuda_runtime_path", [] {
+        const std::string path = ww::cuda_runtime_path();
+        return path.empty() ? py::object(py::none()) : py::object(py::str(path));
+    });
+    m.def("copy_into", &copy_into, "dst"_a, "dst_offset"_a, "src"_a, "threads"_a,
+          "Copy the bytes of src into dst at dst_offset; returns the byte count.");
+
+    auto host_buffer =
+        py::class_<ww::HostBuffer>(m, "HostBuffer", py::buffer_protocol())
+            .def(py::init([](long long nbytes, long long alignment, bool lock, bool register_cuda) {
+                     if (nbytes < 1) {
+                         throw std::invalid_argument("nbytes must be >= 1, got " + std::to_string(nbytes));
+                     }
+                     const std::size_t align = non_negative(alignment, "alignment");
+                     // Safe without the GIL: nothing Python is touched while pages are faulted in.
+                     py::gil_scoped_release nogil;
+                     return std::make_unique<ww::HostBuffer>(static_cast<std::size_t>(nbytes), align,
+                                                             lock, register_cuda);
+                 }),
+                 "nbytes"_a, py::kw_only(), "alignment"_a = static_cast<long long>(ww::page_size()),
+                 "lock"_a = true, "register_cuda"_a = true)
+            .def_property_readonly("nbytes", &ww::HostBuffer::size)
+            .def_property_readonly("alignment", &ww::HostBuffer::alignment)
+            .def_property_readonly("locked", &ww::HostBuffer::locked)
+            .def_property_readonly("cuda_registered", &ww::HostBuffer::cuda_registered)
+            .def_property_readonly("pinned", [](const ww::HostBuffer& b) { return b.locked() || b.cuda_registered(); })
+            .def_property_readonly("exports", &ww::HostBuffer::exports)
+            .def_property_readonly("closed", &ww::HostBuffer::closed)
+            .def_property_readonly("address",
+                                   [](const ww::HostBuffer& b) {
+                                       if (b.closed()) throw std::invalid_argument("HostBuffer is closed");
+                                       return reinterpret_cast<std::uintptr_t>(b.data());
+                                   })
+            .def("__len__", &ww::HostBuffer::size)
+            .def("close", &ww::HostBuffer::close)
+            .def("__enter__", [](py::object self) { return self; })
+            .def("__exit__", [](ww::HostBuffer& b, py::args) { b.close(); })
+            .def("__repr__", [](const ww::HostBuffer& b) {
+                if (b.closed()) return std::string("<HostBuffer closed>");
+                return "<HostBuffer nbytes=" + std::to_string(b.size()) + " locked=" +
+                       (b.locked() ? "True" : "False") + " cuda_registered=" +
+                       (b.cuda_registered() ? "True" : "False") + " exports=" + std::to_string(b.exports()) + ">";
+            });
+    auto* type = reinterpret_cast<PyTypeObject*>(host_buffer.ptr());
+    type->tp_as_buffer->bf_getbuffer = host_buffer_getbuffer;
+    type->tp_as_buffer->bf_releasebuffer = host_buffer_releasebuffer;
+}

@@ -1,0 +1,26 @@
+"""weightwire: move model weights from a JAX trainer to RL rollout workers.
+
+Importing the package loads only numpy and the native core; jax and ray load when a mode needs
+them.
+"""
+
+from weightwire.errors import (
+    CoordinatorError,
+    IntegrityError,
+    SpecMismatchError,
+    StagingExhaustedError,
+    TransferTimeoutError,
+    WeightTransferError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoordinatorError",
+    "IntegrityError",
+    "SpecMismatchError",
+    "StagingExhaustedError",
+    "TransferTimeoutError",
+    "WeightTransferError",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from weightwire.cli import main
+
+sys.exit(main())
