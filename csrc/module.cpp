@@ -30,9 +30,10 @@ class HeldBuffer {
 public:
     HeldBuffer(py::handle obj, int flags, const char* role) {
         if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+            // Keep the exporter's own exception type (ValueError for a closed HostBuffer, ...).
             py::error_already_set err;
-            throw py::type_error(std::string(role) + " must be a contiguous buffer (" +
-                                 std::string(py::str(err.value())) + ")");
+            PyErr_Format(err.type().ptr(), "%s: %S", role, err.value().ptr());
+            throw py::error_already_set();
         }
     }
     ~HeldBuffer() { PyBuffer_Release(&view_); }
@@ -74,9 +75,26 @@ std::size_t copy_into(py::handle dst, long long dst_offset, py::handle src, long
     return in.size();
 }
 
-ww::HostBuffer* host_buffer_of(PyObject* obj) {
-    return py::handle(obj).cast<ww::HostBuffer*>();
+// The C++ object behind `self`. pybind11 (3.1) hands methods raw, unconstructed storage for an
+// instance made with cls.__new__(cls) and never initialised (pybind/pybind11#6153); every
+// binding goes through here so such an instance raises TypeError instead of crashing.
+template <typename T>
+T& native(py::handle self) {
+    auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
+    const py::detail::type_info* info = py::detail::get_type_info(typeid(T));
+    if (info == nullptr) throw std::logic_error("native type is not registered");
+    if (!PyObject_TypeCheck(self.ptr(), info->type)) {
+        throw py::type_error(std::string("expected a ") + info->type->tp_name);
+    }
+    py::detail::value_and_holder vh = inst->get_value_and_holder(info, false);
+    if (!vh || !vh.holder_constructed()) {
+        throw py::type_error(std::string(info->type->tp_name) +
+                             " was created without calling its constructor");
+    }
+    return *vh.value_ptr<T>();
 }
+
+ww::HostBuffer& buffer(py::handle self) { return native<ww::HostBuffer>(self); }
 
 // Buffer protocol for HostBuffer, written by hand (not pybind11's def_buffer) so every export is
 // counted: close() refuses while views are alive, and StagingPool never reuses a viewed buffer.
@@ -84,12 +102,15 @@ int host_buffer_getbuffer(PyObject* obj, Py_buffer* view, int flags) {
     view->obj = nullptr;
     ww::HostBuffer* buf = nullptr;
     try {
-        buf = host_buffer_of(obj);
-    } catch (...) {
-        PyErr_SetString(PyExc_BufferError, "object is not a HostBuffer");
+        buf = &buffer(obj);
+    } catch (py::error_already_set& e) {
+        e.restore();
+        return -1;
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_TypeError, e.what());
         return -1;
     }
-    if (buf == nullptr || buf->closed()) {
+    if (buf->closed()) {
         PyErr_SetString(PyExc_ValueError, "operation on a closed HostBuffer");
         return -1;
     }
@@ -101,15 +122,19 @@ int host_buffer_getbuffer(PyObject* obj, Py_buffer* view, int flags) {
 }
 
 void host_buffer_releasebuffer(PyObject* obj, Py_buffer*) {
+    // Only reached for views getbuffer handed out, so the instance is initialised.
     try {
-        if (ww::HostBuffer* buf = host_buffer_of(obj)) buf->remove_export();
+        buffer(obj).remove_export();
     } catch (...) {
         PyErr_Clear();
     }
 }
 
 py::tuple accepted_tuple(const ww::Accepted& a) {
-    return py::make_tuple(a.fd, a.peer.family, a.peer.host, a.peer.port);
+    ww::UniqueFd owned(a.fd);  // closed if building the tuple fails
+    py::tuple out = py::make_tuple(a.fd, a.peer.family, a.peer.host, a.peer.port);
+    owned.release();
+    return out;
 }
 
 }  // namespace
@@ -136,24 +161,26 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<ww::Listener>(m, "Listener")
         .def(py::init<const std::string&, int, int>(), "host"_a, "port"_a, "backlog"_a)
-        .def_property_readonly("family", [](const ww::Listener& l) { return l.local().family; })
-        .def_property_readonly("host", [](const ww::Listener& l) { return l.local().host; })
-        .def_property_readonly("port", [](const ww::Listener& l) { return l.local().port; })
-        .def_property_readonly("closed", &ww::Listener::closed)
-        .def("fileno", &ww::Listener::fd)
+        .def_property_readonly("family", [](py::handle self) { return native<ww::Listener>(self).local().family; })
+        .def_property_readonly("host", [](py::handle self) { return native<ww::Listener>(self).local().host; })
+        .def_property_readonly("port", [](py::handle self) { return native<ww::Listener>(self).local().port; })
+        .def_property_readonly("closed", [](py::handle self) { return native<ww::Listener>(self).closed(); })
+        .def("fileno", [](py::handle self) { return native<ww::Listener>(self).fd(); })
         .def(
             "accept",
-            [](ww::Listener& self, double timeout_s) {
+            [](py::handle self, double timeout_s) {
+                ww::Listener& listener = native<ww::Listener>(self);
                 ww::Accepted accepted;
                 {
-                    // Safe without the GIL: the Listener guards its fd with its own mutex.
+                    // Safe without the GIL: the Listener guards its fd with its own mutex, and
+                    // pybind11 keeps `self` alive for the length of the call.
                     py::gil_scoped_release nogil;
-                    accepted = self.accept(timeout_s, kInterrupt);
+                    accepted = listener.accept(timeout_s, kInterrupt);
                 }
                 return accepted_tuple(accepted);
             },
             "timeout_s"_a, "Wait for one connection: (fd, family, peer_host, peer_port).")
-        .def("close", &ww::Listener::close);
+        .def("close", [](py::handle self) { native<ww::Listener>(self).close(); });
 
     m.def(
         "connect_tcp",
@@ -195,23 +222,31 @@ PYBIND11_MODULE(_native, m) {
                  }),
                  "nbytes"_a, py::kw_only(), "alignment"_a = static_cast<long long>(ww::page_size()),
                  "lock"_a = true, "register_cuda"_a = true)
-            .def_property_readonly("nbytes", &ww::HostBuffer::size)
-            .def_property_readonly("alignment", &ww::HostBuffer::alignment)
-            .def_property_readonly("locked", &ww::HostBuffer::locked)
-            .def_property_readonly("cuda_registered", &ww::HostBuffer::cuda_registered)
-            .def_property_readonly("pinned", [](const ww::HostBuffer& b) { return b.locked() || b.cuda_registered(); })
-            .def_property_readonly("exports", &ww::HostBuffer::exports)
-            .def_property_readonly("closed", &ww::HostBuffer::closed)
+            .def_property_readonly("nbytes", [](py::handle self) { return buffer(self).size(); })
+            .def_property_readonly("alignment", [](py::handle self) { return buffer(self).alignment(); })
+            .def_property_readonly("locked", [](py::handle self) { return buffer(self).locked(); })
+            .def_property_readonly("cuda_registered", [](py::handle self) { return buffer(self).cuda_registered(); })
+            .def_property_readonly("pinned", [](py::handle self) {
+                const ww::HostBuffer& b = buffer(self);
+                return b.locked() || b.cuda_registered();
+            })
+            .def_property_readonly("exports", [](py::handle self) { return buffer(self).exports(); })
+            .def_property_readonly("closed", [](py::handle self) { return buffer(self).closed(); })
             .def_property_readonly("address",
-                                   [](const ww::HostBuffer& b) {
+                                   [](py::handle self) {
+                                       const ww::HostBuffer& b = buffer(self);
                                        if (b.closed()) throw std::invalid_argument("HostBuffer is closed");
                                        return reinterpret_cast<std::uintptr_t>(b.data());
                                    })
-            .def("__len__", &ww::HostBuffer::size)
-            .def("close", &ww::HostBuffer::close)
-            .def("__enter__", [](py::object self) { return self; })
-            .def("__exit__", [](ww::HostBuffer& b, py::args) { b.close(); })
-            .def("__repr__", [](const ww::HostBuffer& b) {
+            .def("__len__", [](py::handle self) { return buffer(self).size(); })
+            .def("close", [](py::handle self) { buffer(self).close(); })
+            .def("__enter__", [](py::object self) {
+                buffer(self);
+                return self;
+            })
+            .def("__exit__", [](py::handle self, py::args) { buffer(self).close(); })
+            .def("__repr__", [](py::handle self) {
+                const ww::HostBuffer& b = buffer(self);
                 if (b.closed()) return std::string("<HostBuffer closed>");
                 return "<HostBuffer nbytes=" + std::to_string(b.size()) + " locked=" +
                        (b.locked() ? "True" : "False") + " cuda_registered=" +

@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 #include "deadline.hpp"
@@ -124,6 +125,12 @@ Listener::Listener(const std::string& host, int port, int backlog) {
     if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
         throw_os_error(errno, where + ": setsockopt(SO_REUSEADDR)");
     }
+    // "::" accepts IPv4 too, whatever the host's bindv6only default: advertise() relies on it.
+    const int zero = 0;
+    if (addr.family() == AF_INET6 &&
+        ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero) != 0) {
+        throw_os_error(errno, where + ": setsockopt(IPV6_V6ONLY)");
+    }
     if (::bind(fd.get(), addr.ptr(), addr.len) != 0) throw_os_error(errno, where);
     if (::listen(fd.get(), backlog) != 0) throw_os_error(errno, where + ": listen");
     local_ = local_endpoint(fd.get(), where);
@@ -190,8 +197,13 @@ Accepted Listener::accept(double timeout_s, const InterruptCheck& interrupt) {
         if (closed()) throw OsError(EBADF, where + ": listener closed while waiting");
         sockaddr_storage ss{};
         socklen_t len = sizeof ss;
-        const int cfd = ::accept4(fd, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_CLOEXEC);
-        if (cfd >= 0) return Accepted{cfd, endpoint_of(reinterpret_cast<sockaddr*>(&ss), len)};
+        UniqueFd conn(::accept4(fd, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_CLOEXEC));
+        if (conn.get() >= 0) {
+            Endpoint peer = endpoint_of(reinterpret_cast<sockaddr*>(&ss), len);
+            return Accepted{conn.release(), std::move(peer)};
+        }
+        // close() may have shut the socket down after the check above (accept4 then says EINVAL).
+        if (closed()) throw OsError(EBADF, where + ": listener closed while waiting");
         // Another thread took the connection, or the peer gave up before we got to it: wait on.
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) {
             if (deadline.expired()) {
@@ -237,10 +249,11 @@ std::string route_source(const std::string& host) {
 }
 
 std::vector<InterfaceAddress> list_interfaces() {
-    ifaddrs* head = nullptr;
-    if (::getifaddrs(&head) != 0) throw_os_error(errno, "getifaddrs");
+    ifaddrs* raw = nullptr;
+    if (::getifaddrs(&raw) != 0) throw_os_error(errno, "getifaddrs");
+    const std::unique_ptr<ifaddrs, decltype(&::freeifaddrs)> head(raw, &::freeifaddrs);
     std::vector<InterfaceAddress> out;
-    for (ifaddrs* it = head; it != nullptr; it = it->ifa_next) {
+    for (ifaddrs* it = head.get(); it != nullptr; it = it->ifa_next) {
         if (it->ifa_addr == nullptr) continue;
         const int family = it->ifa_addr->sa_family;
         if (family != AF_INET && family != AF_INET6) continue;
@@ -253,7 +266,6 @@ std::vector<InterfaceAddress> list_interfaces() {
         entry.is_up = (it->ifa_flags & IFF_UP) != 0;
         out.push_back(std::move(entry));
     }
-    ::freeifaddrs(head);
     return out;
 }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
+import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -84,13 +86,24 @@ def test_accept_rejects_unbounded_or_negative_timeouts(timeout: float) -> None:
         listener.accept(timeout)
 
 
+_POLL_SYSCALLS = {"x86_64": {"7", "271"}, "aarch64": {"73"}}.get(platform.machine(), set())
+
+
+def _blocked_in_poll(native_thread_id: int) -> bool:
+    """True once the thread sits in poll()/ppoll() (read from /proc: no sleeping to find out)."""
+    try:
+        with open(f"/proc/self/task/{native_thread_id}/syscall") as f:
+            return f.read().split(" ", 1)[0] in _POLL_SYSCALLS
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _POLL_SYSCALLS, reason="poll syscall numbers unknown for this architecture")
 def test_close_from_another_thread_wakes_a_waiting_accept() -> None:
     listener = net.bind(LOOPBACK)
-    waiting = threading.Event()
     result: list[BaseException] = []
 
     def wait_for_connection() -> None:
-        waiting.set()
         try:
             listener.accept(30.0)
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
@@ -98,13 +111,17 @@ def test_close_from_another_thread_wakes_a_waiting_accept() -> None:
 
     thread = threading.Thread(target=wait_for_connection)
     thread.start()
-    assert waiting.wait(5.0)
+    deadline = time.monotonic() + 10.0
+    while thread.native_id is None or not _blocked_in_poll(thread.native_id):
+        assert time.monotonic() < deadline, "accept never started waiting"
+        os.sched_yield()
     start = time.monotonic()
     listener.close()
     thread.join(5.0)
     assert not thread.is_alive()
     assert time.monotonic() - start < 2.0
     assert isinstance(result[0], OSError) and result[0].errno == errno.EBADF
+    assert "while waiting" in str(result[0])  # the waiting path, not the already-closed one
 
 
 def test_accept_on_a_closed_listener_raises_ebadf() -> None:
@@ -179,6 +196,9 @@ BAD_ADDRESSES = [
     "a..b:80",
     "-leading-dash:80",
     " 127.0.0.1:80",
+    "trainer\n:80",  # a trailing newline must not pass the hostname check
+    LOOPBACK + "\n:80",
+    LOOPBACK + ":" + "0" * 5000 + "80",
     "junk",
 ]
 
@@ -214,6 +234,7 @@ def test_format_then_parse_round_trips(ip: ipaddress.IPv4Address | ipaddress.IPv
 @pytest.mark.parametrize(("host", "port", "error"), [
     ("", 80, ValueError), (LOOPBACK, -1, ValueError), (LOOPBACK, 65536, ValueError),
     (LOOPBACK, "80", TypeError), (LOOPBACK, True, TypeError), (None, 80, TypeError), ("a b", 80, ValueError),
+    ("evil\n", 80, ValueError),
 ])
 def test_format_address_rejects_bad_input(host: object, port: object, error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -343,3 +364,59 @@ def test_connect_names_the_hostname_it_was_given() -> None:
     listener.close()
     with pytest.raises(ConnectionRefusedError, match=f"localhost:{port}"):
         net.connect(f"localhost:{port}", 5.0)
+
+
+@pytest.mark.parametrize(("backlog", "error"), [("x", TypeError), (0, ValueError), (-3, ValueError)])
+def test_bind_rejects_bad_backlogs(backlog: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="backlog"):
+        net.bind(LOOPBACK, backlog=backlog)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [10**400, float("nan"), -0.5])
+def test_connect_rejects_unrepresentable_timeouts_with_valueerror(timeout: float) -> None:
+    with net.bind(LOOPBACK) as listener, pytest.raises(ValueError, match="timeout"):
+        net.connect(listener.address, timeout)
+
+
+# --- fallbacks, with the kernel's answers replaced -------------------------------------------
+
+def _fake_host(monkeypatch: pytest.MonkeyPatch, interfaces: list[tuple[str, int, str, bool, bool]],
+               routes: dict[str, str]) -> None:
+    def route_source(host: str) -> str:
+        if host in routes:
+            return routes[host]
+        raise OSError(errno.ENETUNREACH, f"route to {host}: Network is unreachable")
+
+    monkeypatch.setattr(net._native, "list_interfaces", lambda: interfaces)
+    monkeypatch.setattr(net._native, "route_source", route_source)
+
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+LO = [("lo", V4, LOOPBACK, True, True), ("lo", V6, "::1", True, True)]
+
+
+def test_without_a_default_route_local_address_uses_an_up_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_host(monkeypatch, [*LO, ("eth0", V4, "10.9.8.7", False, True), ("eth1", V4, "10.1.1.1", False, False)], {})
+    assert net.local_address() == "10.9.8.7"
+
+
+def test_a_link_local_only_interface_beats_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_host(monkeypatch, [*LO, ("eth0", V6, "fe80::2%eth0", False, True)], {})
+    assert net.local_address() == "fe80::2%eth0"
+
+
+def test_the_kernels_route_to_a_link_local_peer_is_kept_with_its_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_host(monkeypatch, [*LO, ("eth0", V4, "10.0.0.5", False, True), ("eth0", V6, "fe80::2%eth0", False, True)],
+               {"fe80::9%eth0": "fe80::2%eth0", "198.51.100.1": "10.0.0.5"})
+    assert net.local_address("fe80::9%eth0") == "fe80::2%eth0"
+    assert net.local_address() == "10.0.0.5"
+
+
+def test_only_loopback_up_answers_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_host(monkeypatch, [*LO, ("eth0", V4, "10.9.8.7", False, False)], {})
+    assert net.local_address() == LOOPBACK
+
+
+def test_advertise_keeps_an_ipv6_scope() -> None:
+    assert net.advertise("[fe80::1%lo]:80") == "[fe80::1%lo]:80"
+    assert net.parse_address("[fe80::1%lo]:80") == ("fe80::1%lo", 80)

@@ -311,3 +311,31 @@ def test_close_frees_idle_buffers_and_refuses_new_requests() -> None:
     assert held.closed
     with pytest.raises(ValueError, match="closed"):
         pool.acquire(PAGE_SIZE)
+
+
+def test_a_buffer_closed_by_its_user_is_dropped_not_handed_out_again() -> None:
+    with StagingPool(MiB) as pool:
+        buf = pool.acquire(PAGE_SIZE)
+        with buf:
+            pass  # the user closes it
+        pool.release(buf)
+        again = pool.acquire(PAGE_SIZE)
+        assert again is not buf and not again.closed
+        assert pool.stats().allocated_bytes == PAGE_SIZE
+        pool.release(again)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"offset": 2**64}, ValueError), ({"threads": 2**32}, ValueError),
+])
+def test_copy_rejects_out_of_range_options(kwargs: dict[str, int], error: type[Exception]) -> None:
+    with HostBuffer(PAGE_SIZE) as buf, pytest.raises(error):
+        staging.copy_into(buf, np.zeros(4, np.uint8), **kwargs)
+
+
+@pytest.mark.parametrize("src", [np.zeros(16, np.uint8), np.zeros((4, 4), np.uint8).T])
+def test_copy_into_a_closed_buffer_is_a_valueerror_on_every_path(src: np.ndarray) -> None:
+    buf = HostBuffer(PAGE_SIZE)
+    buf.close()
+    with pytest.raises(ValueError, match="closed"):
+        staging.copy_into(buf, src)

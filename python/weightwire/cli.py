@@ -59,7 +59,7 @@ def _probe(args: argparse.Namespace) -> int:
     if args.peer is not None and _has_port(args.peer):
         try:
             report["peer_connect_s"] = net.probe(args.peer, args.timeout)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             report["peer_error"] = str(exc)
             ok = False
     if args.json:

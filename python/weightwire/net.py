@@ -41,7 +41,7 @@ DEFAULT_BACKLOG = 128
 # They are documentation ranges (RFC 5737, RFC 3849): a UDP connect sends no packet anywhere.
 _ROUTE_PROBES = {socket.AF_INET: "198.51.100.1", socket.AF_INET6: "2001:db8::1"}
 
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _check_host(host: str, context: str) -> str:
     if ip is not None:
         return str(ip)
     labels = host.rstrip(".").split(".") if host else []
-    if len(host) > 253 or not labels or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+    if len(host) > 253 or not labels or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"{context}: {host!r} is neither an IP address nor a valid hostname")
     if all(label.isdigit() for label in labels):
         raise ValueError(f"{context}: {host!r} is not a valid IPv4 address")
@@ -90,9 +90,13 @@ def _check_port(port: object, context: str) -> int:
 def _check_timeout(timeout_s: object, context: str) -> float:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise TypeError(f"{context}: timeout must be a number of seconds, got {type(timeout_s).__name__}")
-    if not 0 <= timeout_s < float("inf"):
+    try:
+        seconds = float(timeout_s)
+    except OverflowError:
+        seconds = float("inf")
+    if not 0 <= seconds < float("inf"):
         raise ValueError(f"{context}: timeout must be finite and >= 0, got {timeout_s}")
-    return float(timeout_s)
+    return seconds
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -127,7 +131,7 @@ def parse_address(address: str) -> tuple[str, int]:
         if not host:
             raise ValueError(f"{context}: missing host")
         host = _check_host(host, context)
-    if not port_text.isascii() or not port_text.isdigit():
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise ValueError(f"{context}: port {port_text!r} is not a number")
     return host, _check_port(int(port_text), context)
 
@@ -240,8 +244,10 @@ def bind(host: str, port: int = 0, *, backlog: int = DEFAULT_BACKLOG) -> Listene
     address is always the numeric one.
     """
     _check_port(port, f"bind {host!r}")
-    if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
-        raise ValueError(f"backlog must be an int >= 1, got {backlog!r}")
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, got {type(backlog).__name__}")
+    if backlog < 1:
+        raise ValueError(f"backlog must be >= 1, got {backlog}")
     numeric = resolve_host(host)
     return Listener(_native.Listener(numeric, port, min(backlog, socket.SOMAXCONN)))
 
@@ -250,11 +256,15 @@ def connect(address: str, timeout: float) -> socket.socket:
     """Connects to "host:port" within `timeout` seconds; returns a blocking socket."""
     host, port = parse_address(address)
     timeout = _check_timeout(timeout, f"connect to {address}")
-    numeric = resolve_host(host)
+    return _connect_numeric(address, resolve_host(host), port, timeout)
+
+
+def _connect_numeric(address: str, numeric: str, port: int, timeout: float) -> socket.socket:
+    """Connects to an already-resolved host; errors name `address` as the caller spelled it."""
     try:
         fd = _native.connect_tcp(numeric, port, timeout)
     except OSError as exc:
-        if numeric == host:
+        if _native.format_endpoint(numeric, port) == address:
             raise
         raise type(exc)(exc.errno, f"connect to {address} ({numeric}): {exc.strerror}") from None
     family = socket.AF_INET6 if ":" in numeric else socket.AF_INET
@@ -266,8 +276,11 @@ def probe(address: str, timeout: float) -> float:
 
     Raises ConnectionRefusedError or TimeoutError whose message names the address.
     """
+    host, port = parse_address(address)
+    timeout = _check_timeout(timeout, f"probe {address}")
+    numeric = resolve_host(host)  # before the clock starts: name resolution is not the round trip
     start = time.perf_counter()
-    conn = connect(address, timeout)
+    conn = _connect_numeric(address, numeric, port, timeout)
     elapsed = time.perf_counter() - start
     conn.close()
     return elapsed
@@ -281,22 +294,27 @@ def interfaces() -> list[Interface]:
     ]
 
 
+def _ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a numeric address, ignoring an IPv6 "%scope" suffix."""
+    return _ip_or_none(address.split("%")[0])
+
+
 def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
     return ip is not None and not (ip.is_unspecified or ip.is_loopback or ip.is_link_local)
 
 
 def _from_interfaces(family: int, *, allow_loopback: bool) -> str:
-    """The first up, non-loopback, non-link-local address (IPv4 first unless family says)."""
+    """An up interface's address: routable ones first, then link-local (scoped), and loopback
+    only when nothing else is up. IPv4 before IPv6 unless `family` says."""
     up = [i for i in interfaces() if i.is_up]
     order = [family] if family else [socket.AF_INET, socket.AF_INET6]
-    for fam in order:
-        for iface in up:
-            if iface.family == _family_name(fam) and _usable(_ip_or_none(iface.address)):
-                return iface.address
+    ranks = [_usable, lambda ip: ip is not None and ip.is_link_local]
     if allow_loopback:
+        ranks.append(lambda ip: ip is not None and ip.is_loopback)
+    for accept in ranks:
         for fam in order:
             for iface in up:
-                if iface.family == _family_name(fam) and iface.is_loopback:
+                if iface.family == _family_name(fam) and accept(_ip_of(iface.address)):
                     return iface.address
     raise OSError(errno.EADDRNOTAVAIL, f"no usable {'/'.join(_family_name(f) for f in order)} address on any interface")
 
@@ -335,14 +353,16 @@ def local_address(peer: str | None = None, *, family: int = 0) -> str:
         peer_family = socket.AF_INET6 if peer_ip.version == 6 else socket.AF_INET
         if not family or family == peer_family:
             source = _route_source(host)
-            source_ip = _ip_or_none(source.split("%")[0]) if source else None
-            if source_ip is not None and (_usable(source_ip) or (peer_ip.is_loopback and source_ip.is_loopback)):
-                return str(source)
+            source_ip = _ip_of(source) if source else None
+            # The kernel's answer stands, unless it is loopback for a peer that is not.
+            if source and source_ip is not None and not source_ip.is_unspecified and (
+                    not source_ip.is_loopback or peer_ip.is_loopback):
+                return source
             if peer_ip.is_loopback:
                 return _from_interfaces(family or peer_family, allow_loopback=True)
     for fam in [family] if family else [socket.AF_INET, socket.AF_INET6]:
         source = _route_source(_ROUTE_PROBES[fam])
-        if source is not None and _usable(_ip_or_none(source.split("%")[0])):
+        if source is not None and _usable(_ip_of(source)):
             return source
     return _from_interfaces(family, allow_loopback=True)
 
@@ -358,7 +378,8 @@ def advertise(address: str, *, peer: str | None = None) -> str:
     if port == 0:
         raise ValueError(f"cannot advertise {address!r}: port 0 is not a port peers can reach; "
                          "advertise the address the bound listener reports")
-    ip = ipaddress.ip_address(resolve_host(host).split("%")[0])
+    numeric = resolve_host(host)
+    ip = ipaddress.ip_address(numeric.split("%")[0])
     if ip.is_unspecified:
         # A 0.0.0.0 socket only accepts IPv4; a "::" socket is dual-stack, so any family works.
         family = socket.AF_INET if ip.version == 4 else 0
@@ -368,4 +389,4 @@ def advertise(address: str, *, peer: str | None = None) -> str:
         if not peer_ip.is_loopback:
             raise ValueError(f"{address} is bound to loopback; peer {peer} cannot reach it. "
                              "Bind local_address() or a wildcard instead")
-    return format_address(str(ip), port)
+    return format_address(numeric, port)  # keeps an IPv6 "%scope", without which it is unusable

@@ -38,6 +38,8 @@ HostBuffer = _native.HostBuffer
 # How often a waiting acquire() re-checks buffers whose views may have been dropped: dropping a
 # view runs no Python code that could notify us.
 _VIEW_RECHECK_S = 0.01
+# More threads than this only adds start-up cost to a memory-bound copy.
+_MAX_COPY_THREADS = 64
 
 
 def cuda_runtime_path() -> str | None:
@@ -70,17 +72,22 @@ def copy_into(dst: Any, src: Any, *, offset: int = 0, threads: int | None = None
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if threads is not None and threads > _MAX_COPY_THREADS:
+        raise ValueError(f"threads must be <= {_MAX_COPY_THREADS}, got {threads}")
     arr = _host_array(src)
-    if arr.flags.c_contiguous:
-        # A uint8 view exports as a plain buffer whatever the dtype (bfloat16 cannot export itself).
-        return _native.copy_into(dst, offset, arr.reshape(-1).view(np.uint8), threads or 0)
-    out = memoryview(dst).cast("B")
-    if offset + arr.nbytes > out.nbytes:
-        raise ValueError(f"copy of {arr.nbytes} bytes at offset {offset} does not fit a "
-                         f"destination of {out.nbytes} bytes")
-    view = np.frombuffer(out, dtype=arr.dtype, count=arr.size, offset=offset).reshape(arr.shape)
-    np.copyto(view, arr)
-    return arr.nbytes
+    with memoryview(dst) as out:  # TypeError for non-buffers, ValueError for a closed HostBuffer
+        if out.readonly:
+            raise TypeError(f"dst must be a writable buffer, got a read-only {type(dst).__name__}")
+        if offset + arr.nbytes > out.nbytes:
+            raise ValueError(f"copy of {arr.nbytes} bytes at offset {offset} does not fit a "
+                             f"destination of {out.nbytes} bytes")
+        if arr.flags.c_contiguous:
+            # A uint8 view exports as a plain buffer whatever the dtype (bfloat16 cannot export itself).
+            return _native.copy_into(out, offset, arr.reshape(-1).view(np.uint8), threads or 0)
+        view = np.frombuffer(out.cast("B"), dtype=arr.dtype, count=arr.size, offset=offset)
+        np.copyto(view.reshape(arr.shape), arr)
+        del view  # release the export before the memoryview closes
+        return arr.nbytes
 
 
 @dataclass(frozen=True)
@@ -121,9 +128,11 @@ class StagingPool:
         self._closed = False
 
     def _allocated(self) -> int:
-        return sum(b.nbytes for b in self._free) + sum(b.nbytes for b in self._in_use.values())
+        held = [*self._free, *self._in_use.values()]
+        return sum(b.nbytes for b in held if not b.closed)
 
     def _take_free(self, nbytes: int) -> HostBuffer | None:
+        self._free = [b for b in self._free if not b.closed]  # closed by their user: nothing to reuse
         fits = [b for b in self._free if b.nbytes >= nbytes and b.exports == 0]
         if not fits:
             return None
@@ -182,7 +191,7 @@ class StagingPool:
             if self._closed:
                 if buffer.exports == 0:
                     buffer.close()
-            else:
+            elif not buffer.closed:
                 self._free.append(buffer)
             self._cond.notify_all()
 
