@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "cuda_host.hpp"
@@ -69,8 +71,9 @@ std::size_t copy_into(py::handle dst, long long dst_offset, py::handle src, long
     if (overlap) {
         std::memmove(to, from, in.size());
     } else {
+        const std::size_t capped = std::min<std::size_t>(nthreads, 64);  // no truncation to 0
         ww::parallel_copy(to, from, in.size(),
-                          nthreads == 0 ? ww::default_copy_threads() : static_cast<unsigned>(nthreads));
+                          capped == 0 ? ww::default_copy_threads() : static_cast<unsigned>(capped));
     }
     return in.size();
 }

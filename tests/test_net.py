@@ -266,10 +266,9 @@ def test_local_address_matches_the_kernels_route_to_a_public_address() -> None:
 
 
 def test_local_address_is_never_a_wildcard_nor_loopback_while_an_interface_is_up() -> None:
-    address = ipaddress.ip_address(net.local_address().split("%")[0])
+    address = ipaddress.ip_address(net.local_address())
     assert not address.is_unspecified
-    non_loopback_up = [i for i in net.interfaces() if i.is_up and not i.is_loopback
-                       and not ipaddress.ip_address(i.address.split("%")[0]).is_link_local]
+    non_loopback_up = [i for i in net.interfaces() if i.is_up and not i.is_loopback]
     if non_loopback_up:
         assert not address.is_loopback
         assert net.local_address() in {i.address for i in non_loopback_up}
@@ -308,7 +307,7 @@ def test_advertise_makes_a_wildcard_bind_routable_with_the_same_port() -> None:
 def test_advertise_ipv6_wildcard() -> None:
     with net.bind("::") as listener:
         host, port = net.parse_address(listener.routable_address())
-        assert port == listener.port and not ipaddress.ip_address(host.split("%")[0]).is_unspecified
+        assert port == listener.port and not ipaddress.ip_address(host).is_unspecified
 
 
 def test_advertise_refuses_loopback_to_a_remote_peer_and_port_zero() -> None:

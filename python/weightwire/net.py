@@ -294,11 +294,6 @@ def interfaces() -> list[Interface]:
     ]
 
 
-def _ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of a numeric address, ignoring an IPv6 "%scope" suffix."""
-    return _ip_or_none(address.split("%")[0])
-
-
 def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
     return ip is not None and not (ip.is_unspecified or ip.is_loopback or ip.is_link_local)
 
@@ -314,7 +309,7 @@ def _from_interfaces(family: int, *, allow_loopback: bool) -> str:
     for accept in ranks:
         for fam in order:
             for iface in up:
-                if iface.family == _family_name(fam) and accept(_ip_of(iface.address)):
+                if iface.family == _family_name(fam) and accept(_ip_or_none(iface.address)):
                     return iface.address
     raise OSError(errno.EADDRNOTAVAIL, f"no usable {'/'.join(_family_name(f) for f in order)} address on any interface")
 
@@ -349,11 +344,11 @@ def local_address(peer: str | None = None, *, family: int = 0) -> str:
         raise ValueError(f"family must be 0, socket.AF_INET or socket.AF_INET6, got {family!r}")
     if peer is not None:
         host = _peer_host(peer)
-        peer_ip = ipaddress.ip_address(host.split("%")[0])
+        peer_ip = ipaddress.ip_address(host)  # numeric (scope kept, which ip_address accepts)
         peer_family = socket.AF_INET6 if peer_ip.version == 6 else socket.AF_INET
         if not family or family == peer_family:
             source = _route_source(host)
-            source_ip = _ip_of(source) if source else None
+            source_ip = _ip_or_none(source) if source else None
             # The kernel's answer stands, unless it is loopback for a peer that is not.
             if source and source_ip is not None and not source_ip.is_unspecified and (
                     not source_ip.is_loopback or peer_ip.is_loopback):
@@ -362,7 +357,7 @@ def local_address(peer: str | None = None, *, family: int = 0) -> str:
                 return _from_interfaces(family or peer_family, allow_loopback=True)
     for fam in [family] if family else [socket.AF_INET, socket.AF_INET6]:
         source = _route_source(_ROUTE_PROBES[fam])
-        if source is not None and _usable(_ip_of(source)):
+        if source is not None and _usable(_ip_or_none(source)):
             return source
     return _from_interfaces(family, allow_loopback=True)
 
@@ -379,14 +374,13 @@ def advertise(address: str, *, peer: str | None = None) -> str:
         raise ValueError(f"cannot advertise {address!r}: port 0 is not a port peers can reach; "
                          "advertise the address the bound listener reports")
     numeric = resolve_host(host)
-    ip = ipaddress.ip_address(numeric.split("%")[0])
+    ip = ipaddress.ip_address(numeric)
     if ip.is_unspecified:
         # A 0.0.0.0 socket only accepts IPv4; a "::" socket is dual-stack, so any family works.
         family = socket.AF_INET if ip.version == 4 else 0
         return format_address(local_address(peer, family=family), port)
     if ip.is_loopback and peer is not None:
-        peer_ip = ipaddress.ip_address(_peer_host(peer).split("%")[0])
-        if not peer_ip.is_loopback:
+        if not ipaddress.ip_address(_peer_host(peer)).is_loopback:
             raise ValueError(f"{address} is bound to loopback; peer {peer} cannot reach it. "
                              "Bind local_address() or a wildcard instead")
     return format_address(numeric, port)  # keeps an IPv6 "%scope", without which it is unusable
