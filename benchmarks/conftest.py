@@ -21,4 +21,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
         terminalreporter.write_line(f"[{group}] median ratios to {ref.name} (higher is faster):")
         for bench in members:
             ratio = ref.stats.median / bench.stats.median
-            terminalreporter.write_line(f"    {bench.name:<50} median {bench.stats.median * 1e3:8.2f} ms   {ratio:5.2f}x")
+            median_ms = bench.stats.median * 1e3
+            terminalreporter.write_line(f"    {bench.name:<50} median {median_ms:8.2f} ms   {ratio:5.2f}x")

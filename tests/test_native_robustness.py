@@ -41,7 +41,8 @@ for name, args in valid.items():
     target = listener.accept if name == "Listener.accept" else getattr(n, name)
     for position, value in itertools.product(range(len(args)), GARBAGE):
         expensive = type(value) is int and value in EXPENSIVE
-        if expensive and (name == "HostBuffer" or (name in ("connect_tcp", "Listener.accept") and position == len(args) - 1)):
+        waits = name in ("connect_tcp", "Listener.accept") and position == len(args) - 1
+        if expensive and (name == "HostBuffer" or waits):
             continue
         trial = list(args)
         trial[position] = value
@@ -93,7 +94,8 @@ for cls, uses in ((n.Listener, ("close", "fileno", "port", "host", "family", "cl
             calls += 1
         else:
             raise SystemExit(f"{cls.__name__}.__new__ instance allowed {use}")
-    for op in (lambda: memoryview(raw), lambda: n.copy_into(raw, 0, b"x", 1), lambda: n.copy_into(bytearray(4), 0, raw, 1)):
+    for op in (lambda: memoryview(raw), lambda: n.copy_into(raw, 0, b"x", 1),
+               lambda: n.copy_into(bytearray(4), 0, raw, 1)):
         try:
             op()
         except TypeError:

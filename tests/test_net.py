@@ -252,8 +252,10 @@ def _ip_route_get_src(destination: str) -> str | None:
 
 
 def _has_default_route() -> bool:
-    out = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True) if shutil.which("ip") else None
-    return bool(out and out.stdout.strip())
+    if shutil.which("ip") is None:
+        return False
+    out = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
 
 
 @pytest.mark.skipif(not _has_default_route(), reason="no IPv4 default route on this machine")

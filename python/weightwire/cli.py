@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from weightwire import net
 

@@ -39,7 +39,7 @@ DEFAULT_BACKLOG = 128
 
 # Destinations used only to ask the routing table which source address the default route uses.
 # They are documentation ranges (RFC 5737, RFC 3849): a UDP connect sends no packet anywhere.
-_ROUTE_PROBES = {socket.AF_INET: "198.51.100.1", socket.AF_INET6: "2001:db8::1"}
+_ROUTE_PROBES: dict[int, str] = {socket.AF_INET: "198.51.100.1", socket.AF_INET6: "2001:db8::1"}
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 

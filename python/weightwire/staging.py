@@ -21,7 +21,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -121,7 +122,9 @@ class StagingPool:
         if capacity_bytes < PAGE_SIZE:
             raise ValueError(f"capacity_bytes must be at least one page ({PAGE_SIZE}), got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
-        self._buffer_options = {"alignment": alignment, "lock": lock, "register_cuda": register_cuda}
+        self._alignment = alignment
+        self._lock = lock
+        self._register_cuda = register_cuda
         self._cond = threading.Condition()
         self._free: list[HostBuffer] = []
         self._in_use: dict[int, HostBuffer] = {}
@@ -172,7 +175,8 @@ class StagingPool:
                     raise ValueError("StagingPool is closed")
                 buffer = self._take_free(size)
                 if buffer is None and self._make_room(size):
-                    buffer = HostBuffer(size, **self._buffer_options)
+                    buffer = HostBuffer(size, alignment=self._alignment, lock=self._lock,
+                                        register_cuda=self._register_cuda)
                 if buffer is not None:
                     self._in_use[id(buffer)] = buffer
                     return buffer
