@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -339,3 +340,30 @@ def test_copy_into_a_closed_buffer_is_a_valueerror_on_every_path(src: np.ndarray
     buf.close()
     with pytest.raises(ValueError, match="closed"):
         staging.copy_into(buf, src)
+
+
+def test_copy_releases_the_gil() -> None:
+    # With a huge switch interval a thread that holds the GIL keeps it until it blocks or ends, so
+    # the main thread can only observe the copy unfinished if copy_into released the GIL.
+    src = np.ones(128 * MiB, dtype=np.uint8)
+    about_to_copy = threading.Event()
+    copy_returned = threading.Event()
+    old_interval = sys.getswitchinterval()
+    with HostBuffer(src.nbytes) as buf:
+
+        def copy() -> None:
+            about_to_copy.set()
+            staging.copy_into(buf, src, threads=1)
+            copy_returned.set()
+
+        sys.setswitchinterval(30.0)
+        try:
+            worker = threading.Thread(target=copy)
+            worker.start()
+            assert about_to_copy.wait(30.0)
+            seen_unfinished = not copy_returned.is_set()
+        finally:
+            sys.setswitchinterval(old_interval)
+        worker.join(30.0)
+        assert copy_returned.is_set()
+        assert seen_unfinished, "the main thread could not run during the copy: the GIL was held"
