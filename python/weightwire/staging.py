@@ -86,8 +86,10 @@ def copy_into(dst: Any, src: Any, *, offset: int = 0, threads: int | None = None
             # A uint8 view exports as a plain buffer whatever the dtype (bfloat16 cannot export itself).
             return _native.copy_into(out, offset, arr.reshape(-1).view(np.uint8), threads or 0)
         view = np.frombuffer(out.cast("B"), dtype=arr.dtype, count=arr.size, offset=offset)
-        np.copyto(view.reshape(arr.shape), arr)
-        del view  # release the export before the memoryview closes
+        try:
+            np.copyto(view.reshape(arr.shape), arr)
+        finally:
+            del view  # release the export before the memoryview closes
         return arr.nbytes
 
 
