@@ -99,6 +99,12 @@ T& native(py::handle self) {
 
 ww::HostBuffer& buffer(py::handle self) { return native<ww::HostBuffer>(self); }
 
+// A binding for an argument-free method of T, reached through the native<T> check.
+template <typename T, auto Method>
+auto checked_method() {
+    return [](py::handle self) { return (native<T>(self).*Method)(); };
+}
+
 // Buffer protocol for HostBuffer, written by hand (not pybind11's def_buffer) so every export is
 // counted: close() refuses while views are alive, and StagingPool never reuses a viewed buffer.
 int host_buffer_getbuffer(PyObject* obj, Py_buffer* view, int flags) {
@@ -167,8 +173,8 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("family", [](py::handle self) { return native<ww::Listener>(self).local().family; })
         .def_property_readonly("host", [](py::handle self) { return native<ww::Listener>(self).local().host; })
         .def_property_readonly("port", [](py::handle self) { return native<ww::Listener>(self).local().port; })
-        .def_property_readonly("closed", [](py::handle self) { return native<ww::Listener>(self).closed(); })
-        .def("fileno", [](py::handle self) { return native<ww::Listener>(self).fd(); })
+        .def_property_readonly("closed", checked_method<ww::Listener, &ww::Listener::closed>())
+        .def("fileno", checked_method<ww::Listener, &ww::Listener::fd>())
         .def(
             "accept",
             [](py::handle self, double timeout_s) {
@@ -183,7 +189,7 @@ PYBIND11_MODULE(_native, m) {
                 return accepted_tuple(accepted);
             },
             "timeout_s"_a, "Wait for one connection: (fd, family, peer_host, peer_port).")
-        .def("close", [](py::handle self) { native<ww::Listener>(self).close(); });
+        .def("close", checked_method<ww::Listener, &ww::Listener::close>());
 
     m.def(
         "connect_tcp",
@@ -225,24 +231,24 @@ PYBIND11_MODULE(_native, m) {
                  }),
                  "nbytes"_a, py::kw_only(), "alignment"_a = static_cast<long long>(ww::page_size()),
                  "lock"_a = true, "register_cuda"_a = true)
-            .def_property_readonly("nbytes", [](py::handle self) { return buffer(self).size(); })
-            .def_property_readonly("alignment", [](py::handle self) { return buffer(self).alignment(); })
-            .def_property_readonly("locked", [](py::handle self) { return buffer(self).locked(); })
-            .def_property_readonly("cuda_registered", [](py::handle self) { return buffer(self).cuda_registered(); })
+            .def_property_readonly("nbytes", checked_method<ww::HostBuffer, &ww::HostBuffer::size>())
+            .def_property_readonly("alignment", checked_method<ww::HostBuffer, &ww::HostBuffer::alignment>())
+            .def_property_readonly("locked", checked_method<ww::HostBuffer, &ww::HostBuffer::locked>())
+            .def_property_readonly("cuda_registered", checked_method<ww::HostBuffer, &ww::HostBuffer::cuda_registered>())
             .def_property_readonly("pinned", [](py::handle self) {
                 const ww::HostBuffer& b = buffer(self);
                 return b.locked() || b.cuda_registered();
             })
-            .def_property_readonly("exports", [](py::handle self) { return buffer(self).exports(); })
-            .def_property_readonly("closed", [](py::handle self) { return buffer(self).closed(); })
+            .def_property_readonly("exports", checked_method<ww::HostBuffer, &ww::HostBuffer::exports>())
+            .def_property_readonly("closed", checked_method<ww::HostBuffer, &ww::HostBuffer::closed>())
             .def_property_readonly("address",
                                    [](py::handle self) {
                                        const ww::HostBuffer& b = buffer(self);
                                        if (b.closed()) throw std::invalid_argument("HostBuffer is closed");
                                        return reinterpret_cast<std::uintptr_t>(b.data());
                                    })
-            .def("__len__", [](py::handle self) { return buffer(self).size(); })
-            .def("close", [](py::handle self) { buffer(self).close(); })
+            .def("__len__", checked_method<ww::HostBuffer, &ww::HostBuffer::size>())
+            .def("close", checked_method<ww::HostBuffer, &ww::HostBuffer::close>())
             .def("__enter__", [](py::object self) {
                 buffer(self);
                 return self;

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from weightwire import _native
+from weightwire._checks import int_arg, seconds_arg
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +81,7 @@ def _check_host(host: str, context: str) -> str:
 
 
 def _check_port(port: object, context: str) -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{context}: port must be an int, got {type(port).__name__}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{context}: port {port} is outside 0..65535")
-    return port
-
-
-def _check_timeout(timeout_s: object, context: str) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise TypeError(f"{context}: timeout must be a number of seconds, got {type(timeout_s).__name__}")
-    try:
-        seconds = float(timeout_s)
-    except OverflowError:
-        seconds = float("inf")
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(f"{context}: timeout must be finite and >= 0, got {timeout_s}")
-    return seconds
+    return int_arg(port, f"{context}: port", minimum=0, maximum=65535)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -217,7 +202,7 @@ class Listener:
         Raises TimeoutError past the deadline and OSError(EBADF) if the listener is closed,
         including by another thread while this call waits.
         """
-        timeout = _check_timeout(timeout, f"accept on {self.address}")
+        timeout = seconds_arg(timeout, f"accept on {self.address}: timeout")
         fd, family, _host, _port = self._native.accept(timeout)
         return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
 
@@ -244,10 +229,7 @@ def bind(host: str, port: int = 0, *, backlog: int = DEFAULT_BACKLOG) -> Listene
     address is always the numeric one.
     """
     _check_port(port, f"bind {host!r}")
-    if isinstance(backlog, bool) or not isinstance(backlog, int):
-        raise TypeError(f"backlog must be an int, got {type(backlog).__name__}")
-    if backlog < 1:
-        raise ValueError(f"backlog must be >= 1, got {backlog}")
+    int_arg(backlog, "backlog", minimum=1)
     numeric = resolve_host(host)
     return Listener(_native.Listener(numeric, port, min(backlog, socket.SOMAXCONN)))
 
@@ -255,7 +237,7 @@ def bind(host: str, port: int = 0, *, backlog: int = DEFAULT_BACKLOG) -> Listene
 def connect(address: str, timeout: float) -> socket.socket:
     """Connects to "host:port" within `timeout` seconds; returns a blocking socket."""
     host, port = parse_address(address)
-    timeout = _check_timeout(timeout, f"connect to {address}")
+    timeout = seconds_arg(timeout, f"connect to {address}: timeout")
     return _connect_numeric(address, resolve_host(host), port, timeout)
 
 
@@ -277,7 +259,7 @@ def probe(address: str, timeout: float) -> float:
     Raises ConnectionRefusedError or TimeoutError whose message names the address.
     """
     host, port = parse_address(address)
-    timeout = _check_timeout(timeout, f"probe {address}")
+    timeout = seconds_arg(timeout, f"probe {address}: timeout")
     numeric = resolve_host(host)  # before the clock starts: name resolution is not the round trip
     start = time.perf_counter()
     conn = _connect_numeric(address, numeric, port, timeout)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from weightwire import _native
+from weightwire._checks import int_arg, seconds_arg
 from weightwire.errors import StagingExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -68,13 +69,9 @@ def copy_into(dst: Any, src: Any, *, offset: int = 0, threads: int | None = None
     has, up to 8) when it is large. Non-contiguous arrays are copied correctly, through numpy.
     Returns the number of bytes copied.
     """
-    for name, value in (("offset", offset), ("threads", 0 if threads is None else threads)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if threads is not None and threads > _MAX_COPY_THREADS:
-        raise ValueError(f"threads must be <= {_MAX_COPY_THREADS}, got {threads}")
+    int_arg(offset, "offset", minimum=0)
+    if threads is not None:
+        int_arg(threads, "threads", minimum=0, maximum=_MAX_COPY_THREADS)
     arr = _host_array(src)
     with memoryview(dst) as out:  # TypeError for non-buffers, ValueError for a closed HostBuffer
         if out.readonly:
@@ -119,10 +116,7 @@ class StagingPool:
     def __init__(
         self, capacity_bytes: int, *, alignment: int = PAGE_SIZE, lock: bool = True, register_cuda: bool = True
     ) -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
-            raise TypeError(f"capacity_bytes must be an int, got {type(capacity_bytes).__name__}")
-        if capacity_bytes < PAGE_SIZE:
-            raise ValueError(f"capacity_bytes must be at least one page ({PAGE_SIZE}), got {capacity_bytes}")
+        int_arg(capacity_bytes, "capacity_bytes (at least one page)", minimum=PAGE_SIZE)
         self.capacity_bytes = capacity_bytes
         self._alignment = alignment
         self._lock = lock
@@ -160,12 +154,8 @@ class StagingPool:
 
     def acquire(self, nbytes: int, *, timeout_s: float = 0.0) -> HostBuffer:
         """A buffer of at least `nbytes`, waiting up to timeout_s for others to be released."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
-        if nbytes < 1:
-            raise ValueError(f"nbytes must be >= 1, got {nbytes}")
-        if not 0 <= timeout_s < float("inf"):
-            raise ValueError(f"timeout_s must be finite and >= 0, got {timeout_s}")
+        int_arg(nbytes, "nbytes", minimum=1)
+        seconds_arg(timeout_s, "timeout_s")
         size = _round_up(nbytes, PAGE_SIZE)
         if size > self.capacity_bytes:
             raise ValueError(f"request of {nbytes} bytes ({size} rounded to pages) exceeds the "
