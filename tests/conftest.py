@@ -1,12 +1,34 @@
-"""Skips `gpu`-marked tests on machines without an NVIDIA GPU, before anything imports jax."""
+"""Test session set-up: JAX on CPU with 4 virtual devices (set before anything imports jax), a
+local Ray cluster for the tests that need one, and skipping `gpu` tests without a GPU."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# Inherited by Ray workers too, so actors see the same 4 CPU devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster, no token files
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray cluster for the session; actors can import the test helper modules."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, namespace="weightwire-tests",
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS_DIR), "JAX_PLATFORMS": os.environ["JAX_PLATFORMS"],
+                                       "XLA_FLAGS": os.environ["XLA_FLAGS"]}})
+    yield ray
+    ray.shutdown()
 
 
 def _has_nvidia_gpu() -> bool:

@@ -4,6 +4,8 @@ Importing the package loads only numpy and the native core; jax and ray load whe
 them.
 """
 
+from weightwire.api import ClientMetrics, ServerMetrics, WeightUpdate, create_client, create_server
+from weightwire.config import TransferConfig, TransferMode
 from weightwire.errors import (
     CoordinatorError,
     IntegrityError,
@@ -16,6 +18,13 @@ from weightwire.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClientMetrics",
+    "ServerMetrics",
+    "TransferConfig",
+    "TransferMode",
+    "WeightUpdate",
+    "create_client",
+    "create_server",
     "CoordinatorError",
     "IntegrityError",
     "SpecMismatchError",

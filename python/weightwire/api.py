@@ -1,0 +1,71 @@
+"""The public API every mode implements: create_server / create_client, WeightUpdate, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from weightwire.config import TransferConfig, TransferMode
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    params: Any
+    weight_id: int
+    nbytes: int
+    seconds: float  # from asking the coordinator to having the arrays ready
+    source: str  # "jax_transfer_server", "ray_remoting", "gcs_checkpoint" or "native"
+    epoch: str  # the trainer run that published it; a restarted trainer has a new one
+    versions_skipped: int  # newer versions published since the last one this client received
+
+
+@dataclass
+class ClientMetrics:
+    transfers: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: int = 0
+    timeouts: int = 0
+    last_weight_id: int | None = None
+    versions_skipped: int = 0  # staleness: published versions this client never received
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ServerMetrics:
+    versions_published: int = 0
+    versions_ignored: int = 0  # serve_weights with an id not above the current one
+    offers: int = 0  # pulls offered to clients
+    refusals: int = 0  # requests for a version already superseded
+    bytes_offered: int = 0
+    last_weight_id: int | None = None
+
+
+def _unsupported(mode: TransferMode) -> NotImplementedError:
+    return NotImplementedError(f"mode {mode.value!r} is not implemented yet; use mode='jax'")
+
+
+def create_server(config: TransferConfig) -> Any:
+    """The trainer side of `config.mode`. Close it (or use it as a context manager) when done."""
+    if not isinstance(config, TransferConfig):
+        raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
+    if config.mode is TransferMode.JAX:
+        from weightwire.jax_mode import JaxTransferServer
+
+        return JaxTransferServer(config)
+    raise _unsupported(TransferMode(config.mode))
+
+
+def create_client(config: TransferConfig, *, shardings: Any = None) -> Any:
+    """The rollout side of `config.mode`. `shardings` places weights received without a
+    placeholder: one jax Sharding for all leaves, or a tree of them (default: the first device)."""
+    if not isinstance(config, TransferConfig):
+        raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
+    if config.mode is TransferMode.JAX:
+        from weightwire.jax_mode import JaxTransferClient
+
+        return JaxTransferClient(config, shardings=shardings)
+    raise _unsupported(TransferMode(config.mode))
