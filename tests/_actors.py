@@ -1,0 +1,77 @@
+"""Ray actors for the multi-process tests: a trainer process and rollout processes. Weights are a
+pure function of (weight_id, size), so every process can check what it received bit for bit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+
+def make_params(weight_id: int, size: int) -> dict[str, Any]:
+    import jax.numpy as jnp
+
+    return {"w": jnp.arange(size, dtype=jnp.float32) + weight_id,
+            "b": jnp.full((16,), weight_id, dtype=jnp.bfloat16)}
+
+
+def matches(params: Any, weight_id: int, size: int) -> bool:
+    import jax
+    import numpy as np
+
+    expected = make_params(weight_id, size)
+    return all(np.asarray(g).tobytes() == np.asarray(e).tobytes()
+               for g, e in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
+
+
+@ray.remote(num_cpus=0)
+class Trainer:
+    def __init__(self, config: Any) -> None:
+        import weightwire as ww
+
+        self.server = ww.create_server(config)
+
+    def serve(self, weight_id: int, size: int) -> bool:
+        return self.server.serve_weights(weight_id, make_params(weight_id, size))
+
+    def epoch(self) -> str:
+        return self.server.epoch
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@ray.remote(num_cpus=0)
+class Rollout:
+    def __init__(self, config: Any) -> None:
+        import weightwire as ww
+
+        self.client = ww.create_client(config)
+
+    def client_id(self) -> str:
+        return self.client.client_id
+
+    def receive(self, size: int, *, wait: bool, timeout_s: float) -> tuple[int, bool] | None:
+        """(weight_id, bit-exact?) of what arrived, or None; errors come back as (type, message)."""
+        update = self.client.receive_weights(None, wait=wait, timeout_s=timeout_s)
+        if update is None:
+            return None
+        return update.weight_id, matches(update.params, update.weight_id, size)
+
+    def receive_or_error(self, size: int, timeout_s: float) -> tuple[str, str, float]:
+        import time
+
+        start = time.monotonic()
+        try:
+            self.receive(size, wait=True, timeout_s=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return type(exc).__name__, str(exc), time.monotonic() - start
+        return "", "", time.monotonic() - start
+
+    def error_classes(self, name: str) -> list[str]:
+        import weightwire as ww
+
+        return [c.__name__ for c in getattr(ww, name).__mro__]
+
+    def close(self) -> None:
+        self.client.close()
