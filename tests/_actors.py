@@ -21,7 +21,7 @@ def matches(params: Any, weight_id: int, size: int) -> bool:
 
     expected = make_params(weight_id, size)
     return all(np.asarray(g).tobytes() == np.asarray(e).tobytes()
-               for g, e in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
+               for g, e in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True))
 
 
 @ray.remote(num_cpus=0)

@@ -3,6 +3,7 @@ The multi-process and failure cases are in test_jax_multiprocess.py."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import weightwire as ww
+from weightwire import net
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -50,7 +52,7 @@ def make_params(seed: int) -> dict[str, Any]:
 
 def assert_bit_exact(got: Any, expected: Any) -> None:
     assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         assert isinstance(g, jax.Array)
         assert g.dtype == e.dtype and g.shape == e.shape
         assert np.asarray(g).tobytes() == np.asarray(e).tobytes()
@@ -164,7 +166,7 @@ def test_served_arrays_stay_valid_after_the_trainer_deletes_its_copy(server: Any
     for leaf in jax.tree.leaves(params):
         leaf.delete()
     update = client.receive_weights(None)
-    for got, want in zip(jax.tree.leaves(update.params), jax.tree.leaves(expected)):
+    for got, want in zip(jax.tree.leaves(update.params), jax.tree.leaves(expected), strict=True):
         assert np.asarray(got).tobytes() == want.tobytes()
 
 
@@ -262,3 +264,19 @@ def test_config_rejects_unknown_modes_and_bad_values() -> None:
         ww.TransferConfig(max_parallel_copies=1)  # can wedge the JAX server (DESIGN.md)
     with pytest.raises(TypeError):
         ww.create_server("jax")  # type: ignore[arg-type]
+
+
+def test_cleanup_releases_ports_and_threads(config: ww.TransferConfig) -> None:
+    threads_before = {t.ident for t in threading.enumerate()}
+    server, client = ww.create_server(config), ww.create_client(config)
+    server.serve_weights(1, make_params(1))
+    client.receive_weights(None)
+    addresses = [server.address, client.address]
+    assert all(net.probe(a, 5.0) > 0 for a in addresses)
+    client.close()
+    server.close()
+    gc.collect()
+    for address in addresses:
+        with pytest.raises(ConnectionRefusedError):
+            net.probe(address, 5.0)
+    assert {t.ident for t in threading.enumerate()} <= threads_before  # (the coordinator: test above)

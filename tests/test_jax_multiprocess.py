@@ -56,7 +56,7 @@ def test_server_and_two_clients_as_separate_processes_over_ten_versions(ray_clus
             # Clients poll as they would between rollouts; every other version they skip.
             if weight_id % 2 == 0 or weight_id == 1:
                 results = ray.get([r.receive.remote(SMALL, wait=True, timeout_s=30) for r in rollouts], timeout=90)
-                for mine, (got_id, exact) in zip(received, results):
+                for mine, (got_id, exact) in zip(received, results, strict=True):
                     assert exact, f"weight_id {got_id} arrived with wrong bytes"
                     mine.append(got_id)
         for mine in received:

@@ -46,7 +46,8 @@ class CoordinatorClient:
             return ray.get(ref, timeout=max(timeout_s, 0.001))
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref)
-            raise TransferTimeoutError(f"coordinator {self._name!r}: {what} took longer than {timeout_s:.3g} s") from None
+            raise TransferTimeoutError(
+                f"coordinator {self._name!r}: {what} took longer than {timeout_s:.3g} s") from None
         except ray.exceptions.RayActorError as exc:
             raise CoordinatorError(f"coordinator {self._name!r} is gone ({what}): {exc}") from None
         except ray.exceptions.RayTaskError as exc:

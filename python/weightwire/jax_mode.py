@@ -121,7 +121,8 @@ class JaxTransferServer:
             latest = self._latest
         if latest is None or latest[0] != weight_id:
             newest = "nothing" if latest is None else latest[0]
-            self._coordinator.call("refuse", self.epoch, request_id, f"weight_id {weight_id} was superseded by {newest}")
+            reason = f"weight_id {weight_id} was superseded by {newest}"
+            self._coordinator.call("refuse", self.epoch, request_id, reason)
             self._metrics.refusals += 1
             return
         _, arrays, nbytes = latest

@@ -47,7 +47,7 @@ def layout_of(sharding: Any, shape: tuple[int, ...]) -> Layout:
     indices = sharding.addressable_devices_indices_map(shape)
     return tuple(
         tuple((0, dim) if s is None else (s.start or 0, dim if s.stop is None else s.stop) for s, dim in
-              zip(_as_slices(index, len(shape)), shape))
+              zip(_as_slices(index, len(shape)), shape, strict=True))
         for index in indices.values()
     )
 
@@ -113,7 +113,7 @@ def check_placeholder(manifest: Manifest, placeholder: Any) -> list[Any]:
         raise SpecMismatchError(f"weight_id {manifest.weight_id}: placeholder tree differs from the "
                                 f"published one: {detail}")
     specs = []
-    for (path, leaf), spec in zip(pairs, manifest.leaves):
+    for (path, leaf), spec in zip(pairs, manifest.leaves, strict=True):
         context = f"weight_id {manifest.weight_id}, leaf {path}"
         shape, dtype = tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__))
         if shape != spec.shape:
@@ -141,7 +141,7 @@ def placeholder_from_manifest(manifest: Manifest, shardings: Any = None) -> Any:
     else:
         per_leaf = manifest.treedef.flatten_up_to(shardings)
     leaves = [jax.ShapeDtypeStruct(spec.shape, _dtype(spec.dtype), sharding=sharding)
-              for spec, sharding in zip(manifest.leaves, per_leaf)]
+              for spec, sharding in zip(manifest.leaves, per_leaf, strict=True)]
     return manifest.treedef.unflatten(leaves)
 
 

@@ -1,5 +1,6 @@
-"""Test session set-up: JAX on CPU with 4 virtual devices (set before anything imports jax), a
-local Ray cluster for the tests that need one, and skipping `gpu` tests without a GPU."""
+"""Session set-up for tests/ and benchmarks/: JAX on CPU with 4 virtual devices (set before
+anything imports jax), a local Ray cluster for what needs one, and skipping `gpu` tests without a
+GPU."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster, no token files
 
-TESTS_DIR = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parent
+# Ray workers import the helper actors of tests/ and benchmarks/ from here.
+ACTOR_PATH = os.pathsep.join(str(ROOT / d) for d in ("tests", "benchmarks"))
 
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
-    """A local Ray cluster for the session; actors can import the test helper modules."""
+    """A local Ray cluster for the session; its workers can import the helper actor modules."""
     import ray
 
+    # _node_ip_address keeps the whole cluster on loopback, as every test here must be.
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, namespace="weightwire-tests",
-             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS_DIR), "JAX_PLATFORMS": os.environ["JAX_PLATFORMS"],
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": ACTOR_PATH, "JAX_PLATFORMS": os.environ["JAX_PLATFORMS"],
                                        "XLA_FLAGS": os.environ["XLA_FLAGS"]}})
     yield ray
     ray.shutdown()
