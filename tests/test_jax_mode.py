@@ -280,3 +280,12 @@ def test_cleanup_releases_ports_and_threads(config: ww.TransferConfig) -> None:
         with pytest.raises(ConnectionRefusedError):
             net.probe(address, 5.0)
     assert {t.ident for t in threading.enumerate()} <= threads_before  # (the coordinator: test above)
+
+
+def test_explicit_shutdown_removes_the_coordinator(config: ww.TransferConfig) -> None:
+    with ww.create_server(config) as server, ww.create_client(config) as client:
+        server.serve_weights(1, make_params(1))
+        assert ww.shutdown_coordinator(config)
+        with pytest.raises(ww.CoordinatorError):
+            client.receive_weights(None)
+    assert not ww.shutdown_coordinator(config)

@@ -110,3 +110,22 @@ def test_a_dead_server_makes_waiting_clients_fail_by_their_deadline(ray_cluster:
         assert seconds < timeout_s + 2.0, message
     finally:
         _kill(ray, trainer, waiting, pulling)
+
+
+def test_a_killed_and_restarted_trainer_finds_the_same_coordinator(ray_cluster: Any,
+                                                                    config: ww.TransferConfig) -> None:
+    ray = ray_cluster
+    first = Trainer.remote(config)  # the first user: it creates the coordinator
+    rollout = Rollout.remote(config)
+    second = None
+    try:
+        assert ray.get(first.serve.remote(100, SMALL), timeout=60)
+        assert ray.get(rollout.receive.remote(SMALL, wait=True, timeout_s=30), timeout=60) == (100, True)
+        _kill(ray, first)
+        coordinator = _coordinator(ray, config)  # outlived its creator
+        second = Trainer.remote(config)
+        assert ray.get(second.serve.remote(1, SMALL), timeout=60)  # a new epoch may restart its ids
+        assert ray.get(rollout.receive.remote(SMALL, wait=True, timeout_s=30), timeout=60) == (1, True)
+        assert _coordinator(ray, config)._actor_id == coordinator._actor_id
+    finally:
+        _kill(ray, first, rollout, *([second] if second is not None else []))

@@ -4,7 +4,14 @@ Importing the package loads only numpy and the native core; jax and ray load whe
 them.
 """
 
-from weightwire.api import ClientMetrics, ServerMetrics, WeightUpdate, create_client, create_server
+from weightwire.api import (
+    ClientMetrics,
+    ServerMetrics,
+    WeightUpdate,
+    create_client,
+    create_server,
+    shutdown_coordinator,
+)
 from weightwire.config import TransferConfig, TransferMode
 from weightwire.errors import (
     CoordinatorError,
@@ -25,6 +32,7 @@ __all__ = [
     "WeightUpdate",
     "create_client",
     "create_server",
+    "shutdown_coordinator",
     "CoordinatorError",
     "IntegrityError",
     "SpecMismatchError",

@@ -59,6 +59,20 @@ def create_server(config: TransferConfig) -> Any:
     raise _unsupported(TransferMode(config.mode))
 
 
+def shutdown_coordinator(config: TransferConfig) -> bool:
+    """Removes the coordinator named by `config`, whoever still uses it; False if there was none.
+    Servers and clients still attached fail with CoordinatorError on their next call."""
+    from weightwire._ray import ensure_ray
+
+    ray = ensure_ray(config)
+    try:
+        actor = ray.get_actor(config.coordinator_name, namespace=config.ray_namespace)
+    except ValueError:
+        return False
+    ray.kill(actor)
+    return True
+
+
 def create_client(config: TransferConfig, *, shardings: Any = None) -> Any:
     """The rollout side of `config.mode`. `shardings` places weights received without a
     placeholder: one jax Sharding for all leaves, or a tree of them (default: the first device)."""
