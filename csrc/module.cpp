@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "checksum.hpp"
 #include "cuda_host.hpp"
 #include "errors.hpp"
 #include "net.hpp"
@@ -214,6 +215,15 @@ PYBIND11_MODULE(_native, m) {
         const std::string path = ww::cuda_runtime_path();
         return path.empty() ? py::object(py::none()) : py::object(py::str(path));
     });
+    m.def(
+        "crc32c",
+        [](py::handle data, std::uint32_t crc) {
+            HeldBuffer in(data, PyBUF_SIMPLE, "data");
+            // Safe without the GIL: the buffer stays exported until this returns.
+            py::gil_scoped_release nogil;
+            return ww::crc32c(in.data(), in.size(), crc);
+        },
+        "data"_a, "crc"_a = 0, "CRC32C of a contiguous buffer, continuing from crc.");
     m.def("copy_into", &copy_into, "dst"_a, "dst_offset"_a, "src"_a, "threads"_a,
           "Copy the bytes of src into dst at dst_offset; returns the byte count.");
 

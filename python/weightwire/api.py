@@ -44,19 +44,25 @@ class ServerMetrics:
     last_weight_id: int | None = None
 
 
-def _unsupported(mode: TransferMode) -> NotImplementedError:
-    return NotImplementedError(f"mode {mode.value!r} is not implemented yet; use mode='jax'")
+def _mode_classes(mode: TransferMode) -> tuple[Any, Any]:
+    """(server class, client class) of a mode, imported only when asked for."""
+    if mode is TransferMode.JAX:
+        from weightwire import jax_mode as module
+    elif mode is TransferMode.RAY:
+        from weightwire import ray_mode as module  # type: ignore[no-redef]
+    elif mode is TransferMode.CHECKPOINT:
+        from weightwire import checkpoint_mode as module  # type: ignore[no-redef]
+    else:
+        raise NotImplementedError(f"mode {mode.value!r} is not implemented yet")
+    return module.Server, module.Client
 
 
 def create_server(config: TransferConfig) -> Any:
     """The trainer side of `config.mode`. Close it (or use it as a context manager) when done."""
     if not isinstance(config, TransferConfig):
         raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
-    if config.mode is TransferMode.JAX:
-        from weightwire.jax_mode import JaxTransferServer
-
-        return JaxTransferServer(config)
-    raise _unsupported(TransferMode(config.mode))
+    server_class, _ = _mode_classes(TransferMode(config.mode))
+    return server_class(config)
 
 
 def shutdown_coordinator(config: TransferConfig) -> bool:
@@ -78,8 +84,5 @@ def create_client(config: TransferConfig, *, shardings: Any = None) -> Any:
     placeholder: one jax Sharding for all leaves, or a tree of them (default: the first device)."""
     if not isinstance(config, TransferConfig):
         raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
-    if config.mode is TransferMode.JAX:
-        from weightwire.jax_mode import JaxTransferClient
-
-        return JaxTransferClient(config, shardings=shardings)
-    raise _unsupported(TransferMode(config.mode))
+    _, client_class = _mode_classes(TransferMode(config.mode))
+    return client_class(config, shardings=shardings)

@@ -35,6 +35,9 @@ class TransferConfig:
     transport_streams: int = 2
     transfer_size: int = 256 << 20
     max_parallel_copies: int = 8
+    # mode="checkpoint": a local path or any fsspec URL (memory://, gs://, s3://, ...).
+    checkpoint_dir: str | None = None
+    max_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         try:
@@ -51,3 +54,6 @@ class TransferConfig:
         int_arg(self.transport_streams, "transport_streams", minimum=1, maximum=64)
         int_arg(self.transfer_size, "transfer_size", minimum=1 << 10)
         int_arg(self.max_parallel_copies, "max_parallel_copies", minimum=2)
+        int_arg(self.max_checkpoints, "max_checkpoints", minimum=1)
+        if self.mode is TransferMode.CHECKPOINT and not self.checkpoint_dir:
+            raise ValueError("mode='checkpoint' needs checkpoint_dir (a local path or an fsspec URL)")

@@ -36,6 +36,9 @@ class Manifest:
     weight_id: int
     treedef: Any  # jax PyTreeDef; travels only through Ray, which pickles it
     leaves: tuple[LeafSpec, ...]
+    # Where the bytes are, per mode: None for jax (ask the trainer for an offer), a Ray ObjectRef
+    # for ray, a CheckpointLocation for checkpoint.
+    location: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -98,10 +101,10 @@ def _placeholder_sharding(leaf: Any, path: str) -> Any:
     return sharding
 
 
-def check_placeholder(manifest: Manifest, placeholder: Any) -> list[Any]:
-    """ShapeDtypeStructs to pull into, after checking `placeholder` against the manifest: tree
-    structure, then per leaf shape, dtype and sharding layout. Raises SpecMismatchError naming the
-    first leaf that differs."""
+def check_placeholder(manifest: Manifest, placeholder: Any, *, check_layout: bool = True) -> list[Any]:
+    """ShapeDtypeStructs to receive into, after checking `placeholder` against the manifest: tree
+    structure, then per leaf shape, dtype and (for device-to-device modes, where shards move as
+    they are) sharding layout. Raises SpecMismatchError naming the first leaf that differs."""
     import jax
 
     pairs, treedef = flatten_with_paths(placeholder)
@@ -122,7 +125,7 @@ def check_placeholder(manifest: Manifest, placeholder: Any) -> list[Any]:
             raise SpecMismatchError(f"{context}: placeholder dtype {dtype}, offered {spec.dtype}; "
                                     "bits are never reinterpreted")
         sharding = _placeholder_sharding(leaf, path)
-        if layout_of(sharding, shape) != spec.layout:
+        if check_layout and layout_of(sharding, shape) != spec.layout:
             raise SpecMismatchError(f"{context}: placeholder sharding {sharding!r} splits the array "
                                     f"differently from the offered {spec.sharding}")
         specs.append(jax.ShapeDtypeStruct(shape, np.dtype(leaf.dtype), sharding=sharding))
