@@ -58,15 +58,16 @@ class Rollout:
             return None
         return update.weight_id, matches(update.params, update.weight_id, size)
 
-    def receive_or_error(self, size: int, timeout_s: float) -> tuple[str, str, float]:
+    def receive_or_error(self, size: int, timeout_s: float) -> tuple[str, str, float, Any]:
+        """(error class, message, seconds, receive() result) of one receive with wait=True."""
         import time
 
         start = time.monotonic()
         try:
-            self.receive(size, wait=True, timeout_s=timeout_s)
+            result = self.receive(size, wait=True, timeout_s=timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported to the test
-            return type(exc).__name__, str(exc), time.monotonic() - start
-        return "", "", time.monotonic() - start
+            return type(exc).__name__, str(exc), time.monotonic() - start, None
+        return "", "", time.monotonic() - start, result
 
     def error_classes(self, name: str) -> list[str]:
         import weightwire as ww

@@ -101,11 +101,11 @@ def test_a_dead_server_makes_waiting_clients_fail_by_their_deadline(ray_cluster:
         _wait_for_offer(ray, config, pulling_id)
         _kill(ray, trainer)
         # One client was mid-pull, the other waits for a version that will never come.
-        kind, message, seconds = ray.get(mid_pull, timeout=60)
+        kind, message, seconds, _ = ray.get(mid_pull, timeout=60)
         assert kind, "a pull from a killed trainer returned weights"
         assert "WeightTransferError" in ray.get(pulling.error_classes.remote(kind), timeout=30)
         assert seconds < timeout_s + 2.0, message
-        kind, message, seconds = ray.get(waiting.receive_or_error.remote(BIG, timeout_s), timeout=60)
+        kind, message, seconds, _ = ray.get(waiting.receive_or_error.remote(BIG, timeout_s), timeout=60)
         assert kind and "WeightTransferError" in ray.get(waiting.error_classes.remote(kind), timeout=30)
         assert seconds < timeout_s + 2.0, message
     finally:

@@ -25,7 +25,7 @@ import numpy as np
 
 from weightwire import _native
 from weightwire.config import TransferConfig
-from weightwire.errors import IntegrityError, TransferTimeoutError
+from weightwire.errors import IntegrityError, TransferTimeoutError, WeightTransferError
 from weightwire.manifest import Manifest
 from weightwire.transfer import BaseClient, BaseServer, remaining
 
@@ -142,7 +142,8 @@ class Server(BaseServer):
         self._fs.pipe(f"{directory}/{MANIFEST_FILE}", json.dumps(description, indent=1).encode())
         self._fs.pipe(f"{directory}/{COMMIT_MARKER}", b"")  # last: the version is now complete
         self._metrics.bytes_offered += manifest.nbytes
-        return dataclasses.replace(manifest, location=CheckpointLocation(directory, checksums))
+        url = self._fs.unstrip_protocol(directory)  # with its protocol: "/x" means a local path
+        return dataclasses.replace(manifest, location=CheckpointLocation(url, checksums))
 
     def _prune(self) -> None:
         """Keeps the newest max_checkpoints complete versions; older ones (and abandoned partial
@@ -184,7 +185,11 @@ class Client(BaseClient):
         try:
             host = self._read(location, manifest)
         except FileNotFoundError:
-            return None  # pruned because newer versions exist: take the newest
+            latest = self._coordinator.call("latest", timeout_s=remaining(deadline))
+            if latest is not None and (latest.epoch, latest.weight_id) != (manifest.epoch, manifest.weight_id):
+                return None  # pruned because newer versions exist: take the newest
+            raise WeightTransferError(f"weight_id {manifest.weight_id}: {location.url} is missing, and it is "
+                                      "still the newest version") from None
         remaining(deadline)
         return jax.block_until_ready([jax.device_put(h, spec.sharding) for h, spec in zip(host, specs, strict=True)])
 

@@ -2,9 +2,11 @@
 clients read it zero-copy and place it on their placeholder's shardings.
 
 The coordinator holds only the latest version's ref, so the object store does not grow with the
-number of updates. A version dies with the trainer process that put it (Ray ties an object to its
-owner, and Ray 2.56 removed the way to hand ownership over): a client that asks for it then gets
-a WeightTransferError saying so, and picks up the restarted trainer's new epoch once it publishes.
+number of updates. A version is owned by the trainer process that put it (Ray 2.56 removed the
+way to hand ownership over), so whether it outlives that process is Ray's call: on one node with
+Ray 2.60 it stayed readable after its trainer was killed. Where Ray has lost it, the client gets a
+WeightTransferError saying so, never stale or partial bytes, and picks up the restarted trainer's
+new epoch once it publishes.
 """
 
 from __future__ import annotations
