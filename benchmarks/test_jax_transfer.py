@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 import pytest
-from _jax_actors import BenchRollout, BenchTrainer, digest, make_params
+from _bench_actors import BenchRollout, BenchTrainer, digest, make_params
 
 import weightwire as ww
 

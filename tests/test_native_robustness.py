@@ -32,6 +32,7 @@ valid = {
     "connect_tcp": ("127.0.0.1", 1, 0.5),
     "route_source": ("127.0.0.1",),
     "copy_into": (bytearray(64), 0, b"abc", 1),
+    "crc32c": (b"abc", 0),
     "Listener": ("127.0.0.1", 0, 4),
     "HostBuffer": (4096,),
     "Listener.accept": (0.01,),

@@ -367,3 +367,14 @@ def test_copy_releases_the_gil() -> None:
         worker.join(30.0)
         assert copy_returned.is_set()
         assert seen_unfinished, "the main thread could not run during the copy: the GIL was held"
+
+
+def test_crc32c_matches_the_standard_check_value_and_chains() -> None:
+    from weightwire import _native
+
+    assert _native.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
+    assert _native.crc32c(data[1000:], _native.crc32c(data[:1000])) == _native.crc32c(data)
+    flipped = data.copy()
+    flipped[12345] ^= 1
+    assert _native.crc32c(flipped) != _native.crc32c(data)

@@ -56,6 +56,12 @@ def _filesystem(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
 def committed_versions(checkpoint_dir: str) -> list[str]:
     """Directories of complete versions under checkpoint_dir, oldest first."""
     fs, root = _filesystem(checkpoint_dir)
@@ -131,8 +137,10 @@ class Server(BaseServer):
         tensors = {_leaf_key(i): np.require(leaf, requirements="C") for i, leaf in enumerate(leaves)}
         checksums = tuple(_native.crc32c(t.reshape(-1).view(np.uint8)) for t in tensors.values())
         self._fs.makedirs(directory, exist_ok=True)
-        with self._fs.open(f"{directory}/{WEIGHTS_FILE}", "wb") as f:
-            f.write(safetensors.numpy.save(tensors))
+        if _is_local(self._fs):
+            safetensors.numpy.save_file(tensors, f"{directory}/{WEIGHTS_FILE}")  # no in-memory copy
+        else:
+            self._fs.pipe(f"{directory}/{WEIGHTS_FILE}", safetensors.numpy.save(tensors))
         description = {
             "weight_id": manifest.weight_id, "epoch": manifest.epoch,
             "leaves": [{"key": _leaf_key(i), "path": spec.path, "shape": list(spec.shape), "dtype": spec.dtype,
@@ -199,7 +207,7 @@ class Client(BaseClient):
         fs, path = _filesystem(f"{location.url}/{WEIGHTS_FILE}")
         # safetensors reads only local files (its in-memory numpy loader lacks bf16): copy others.
         with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
-            if type(fs).__name__ == "LocalFileSystem":
+            if _is_local(fs):
                 source = path
             else:
                 fs.get_file(path, local.name)

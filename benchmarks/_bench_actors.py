@@ -1,5 +1,5 @@
-"""The two processes of the jax-mode benchmark. Both paths pull the same arrays through transfer
-servers started from the same TransferConfig."""
+"""The two processes of the mode benchmarks: a trainer that publishes through weightwire and
+offers the same arrays to the raw reference path, and a rollout that receives both ways."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class BenchTrainer:
         from weightwire.jax_mode import _start_transfer_server
 
         self.server = ww.create_server(config)
-        self.raw, self.raw_address = _start_transfer_server(config)
+        if config.mode.value == "jax":
+            self.raw, self.raw_address = _start_transfer_server(config)
         self.total_bytes, self.leaves = total_bytes, leaves
         self.raw_arrays = jax.block_until_ready(jax.tree.leaves(make_params(0, total_bytes, leaves)))
 
@@ -42,6 +43,13 @@ class BenchTrainer:
 
         params = jax.block_until_ready(make_params(weight_id, self.total_bytes, self.leaves))
         self.server.serve_weights(weight_id, params)
+
+    def put_raw(self) -> list[Any]:
+        """The same arrays in the object store, as host numpy arrays; the ref comes back wrapped
+        in a list so Ray hands over the ref, not its value."""
+        import numpy as np
+
+        return [ray.put([np.asarray(a) for a in self.raw_arrays])]
 
     def offer_raw(self) -> tuple[str, int]:
         pull_id = secrets.randbits(63)
@@ -58,7 +66,8 @@ class BenchRollout:
         from weightwire.jax_mode import _start_transfer_server
 
         self.client = ww.create_client(config)
-        self.raw, _ = _start_transfer_server(config)
+        if config.mode.value == "jax":
+            self.raw, _ = _start_transfer_server(config)
         self.placeholder = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                         make_params(0, total_bytes, leaves))
         self.connections: dict[str, Any] = {}
@@ -66,6 +75,15 @@ class BenchRollout:
     def receive(self) -> tuple[int, list[float]]:
         update = self.client.receive_weights(self.placeholder, wait=True, timeout_s=120)
         return update.weight_id, digest(update.params)
+
+    def raw_get(self, wrapped: list[Any]) -> list[float]:
+        """What a user would do without weightwire: ray.get, then device_put onto the same
+        shardings."""
+        import jax
+
+        host = ray.get(wrapped[0])
+        specs = jax.tree.leaves(self.placeholder)
+        return digest(jax.block_until_ready([jax.device_put(h, s.sharding) for h, s in zip(host, specs, strict=True)]))
 
     def raw_pull(self, address: str, pull_id: int) -> list[float]:
         import jax
