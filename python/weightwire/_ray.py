@@ -62,6 +62,10 @@ class CoordinatorClient:
         for the call itself."""
         return self.get(getattr(self.actor, method).remote(*args, timeout_s), timeout_s + 5.0, method)
 
+    def call_soon(self, method: str, *args: Any) -> None:
+        """Fire and forget, for bookkeeping off the critical path (a failure is only logged by Ray)."""
+        self.actor.call.remote(method, *args)
+
     def detach(self) -> None:
         """Leaves; the last user to leave removes the coordinator."""
         try:

@@ -13,7 +13,7 @@ class WeightUpdate:
     params: Any
     weight_id: int
     nbytes: int
-    seconds: float  # from asking the coordinator to having the arrays ready
+    seconds: float  # from finding this version to having its arrays ready (waiting excluded)
     source: str  # "jax_transfer_server", "ray_remoting", "gcs_checkpoint" or "native"
     epoch: str  # the trainer run that published it; a restarted trainer has a new one
     versions_skipped: int  # newer versions published since the last one this client received

@@ -1,4 +1,4 @@
-"""Command line: `python -m weightwire probe [--peer ADDR] [--json]`."""
+"""Command line: `python -m weightwire {probe,demo,bench}`."""
 
 from __future__ import annotations
 
@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=SELF_TEST_TIMEOUT_S, help="seconds for the peer probe")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")
     probe.set_defaults(run=_probe)
+    demo = sub.add_parser("demo", help="the main job: a trainer and rollout actors moving weights, verified")
+    from weightwire import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    demo.set_defaults(run=demo_module.main)
+    bench = sub.add_parser("bench", help="throughput of every mode next to raw references, same run")
+    from weightwire import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(run=bench_module.main)
     return parser
 
 

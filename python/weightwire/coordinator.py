@@ -223,6 +223,11 @@ def coordinator_actor(name: str, namespace: str) -> Any:
                     break
             return self._state.ticket(request_id)
 
+        async def request_ticket(self, client_id: str, epoch: str, weight_id: int, timeout_s: float) -> Ticket:
+            """request() and wait_ticket() in one round trip: the client's critical path."""
+            request_id = await self._call("request", client_id, epoch, weight_id)
+            return await self.wait_ticket(request_id, timeout_s)
+
         async def wait_newer(self, epoch: str | None, weight_id: int | None, timeout_s: float) -> Manifest | None:
             await self._wait_for(lambda: _newer(self._state.latest(), epoch, weight_id), timeout_s)
             return self._state.latest()

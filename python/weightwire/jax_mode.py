@@ -123,10 +123,9 @@ class JaxTransferClient(BaseClient):
         self._connections: dict[str, Any] = {}
 
     def _fetch(self, manifest: Manifest, specs: list[Any], deadline: float) -> list[Any] | None:
-        request_id = self._coordinator.call("request", self.client_id, manifest.epoch, manifest.weight_id,
-                                            timeout_s=remaining(deadline))
+        ticket = self._coordinator.wait("request_ticket", self.client_id, manifest.epoch, manifest.weight_id,
+                                        timeout_s=remaining(deadline))
         try:
-            ticket = self._coordinator.wait("wait_ticket", request_id, timeout_s=remaining(deadline))
             if ticket.status == "refused":
                 return None
             if ticket.status in ("pending", "offering"):
@@ -136,10 +135,7 @@ class JaxTransferClient(BaseClient):
                 raise WeightTransferError(f"weight_id {manifest.weight_id}: {ticket.reason}")
             return self._pull(ticket.address, ticket.uuid, specs, manifest.weight_id, deadline)
         finally:
-            try:
-                self._coordinator.call("finish", request_id, timeout_s=10.0)
-            except WeightTransferError as exc:
-                logger.warning("releasing ticket %d: %s", request_id, exc)
+            self._coordinator.call_soon("finish", ticket.request_id)  # off the critical path
 
     def _pull(self, address: str, pull_id: int, specs: list[Any], weight_id: int, deadline: float) -> list[Any]:
         """conn.pull bounded by our own deadline: JAX's own timeout does not stop a stuck pull."""

@@ -180,7 +180,6 @@ class BaseClient:
             raise WeightTransferError(f"client {self.client_id} is closed")
         timeout = self._config.timeout_s if timeout_s is None else seconds_arg(timeout_s, "timeout_s")
         deadline = time.monotonic() + timeout
-        start = time.perf_counter()
         try:
             while True:
                 manifest = self._coordinator.call("latest", timeout_s=remaining(deadline))
@@ -192,6 +191,7 @@ class BaseClient:
                     if not self._is_newer(manifest):
                         raise TransferTimeoutError(
                             f"no weights newer than weight_id {self._weight_id} within {timeout:g} s")
+                start = time.perf_counter()  # the transfer, not the wait for a version, is timed
                 placeholder = old_params if old_params is not None else placeholder_from_manifest(
                     manifest, self._shardings)
                 specs = check_placeholder(manifest, placeholder, check_layout=self.check_layout)
