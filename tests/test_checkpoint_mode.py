@@ -155,3 +155,17 @@ def test_a_deleted_newest_version_is_an_error_not_a_hang(pair: tuple[Any, Any], 
     shutil.rmtree(_only_version_dir(config))
     with pytest.raises(ww.WeightTransferError, match="missing"):
         client.receive_weights(None, timeout_s=10)
+
+
+def test_a_failed_write_is_reported_by_flush(pair: tuple[Any, Any], config: ww.TransferConfig,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    server, client = pair
+
+    def broken_write(manifest: Any, leaves: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(server, "_write", broken_write)
+    server.serve_weights(1, params_for(1))
+    with pytest.raises(ww.WeightTransferError, match="No space left"):
+        server.flush()
+    assert client.receive_weights(None) is None  # nothing half-written was published

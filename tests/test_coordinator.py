@@ -104,3 +104,16 @@ def test_an_offer_for_a_ticket_the_client_gave_up_is_ignored(state: CoordinatorS
 def test_users_attach_and_detach(state: CoordinatorState) -> None:
     assert state.attach("a") == 1 and state.attach("b") == 2 and state.attach("a") == 2
     assert state.detach("a") == 1 and state.detach("a") == 1 and state.detach("b") == 0
+
+
+def test_settled_tickets_of_clients_that_never_finished_are_forgotten(state: CoordinatorState, clock: Clock) -> None:
+    from weightwire.coordinator import SETTLED_TTL_S
+
+    state.publish("e1", 1, manifest("e1", 1))
+    rid = state.request("c1", "e1", 1)
+    state.take_requests("e1")
+    state.refuse("e1", rid, "superseded")
+    state.take_requests("e1")  # notices it settled
+    clock.now += SETTLED_TTL_S + 1
+    state.take_requests("e1")
+    assert state.tickets() == []

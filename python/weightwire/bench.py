@@ -88,7 +88,7 @@ def _actors() -> tuple[Any, Any]:
 
             data = payload(nbytes)
             with net.connect(address, 60.0) as sock:
-                sock.sendall(memoryview(data))
+                sock.sendall(data.data)
 
         # raw JAX transfer server
         def offer_pull(self, nbytes: int) -> tuple[str, int, list[Any]]:
@@ -238,6 +238,66 @@ def _measure(path: str, size_mib: int, repeats: int, once: Any, expected: Any) -
     return Measurement(path, size_mib, seconds[1:])
 
 
+def _run_size(ray: Any, sender: Any, receiver: Any, size: int, repeats: int, modes: list[str],
+              base: Any) -> list[Measurement]:
+    """Every path at one size; the closures below run before this returns."""
+    import weightwire as ww
+
+    results: list[Measurement] = []
+    nbytes = size * MiB
+    expected_payload = crc(payload(nbytes))
+
+    def memcpy() -> tuple[float, int]:
+        src, dst = payload(nbytes), np.empty(nbytes, dtype=np.uint8)
+        dst.fill(0)  # fault the pages in first, as a staging buffer would be
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        return time.perf_counter() - start, crc(dst)
+
+    def tcp() -> tuple[float, int]:
+        address = ray.get(receiver.listen_tcp.remote())
+        pending = receiver.receive_tcp.remote(nbytes)
+        ray.get(sender.send_tcp.remote(address, nbytes))
+        return ray.get(pending)
+
+    def jax_pull() -> tuple[float, int]:
+        address, pull_id, specs = ray.get(sender.offer_pull.remote(nbytes))
+        return ray.get(receiver.pull.remote(address, pull_id, specs))
+
+    def ray_get() -> tuple[float, int]:
+        return ray.get(receiver.get.remote(ray.get(sender.put.remote(nbytes))))
+
+    paths = [("numpy memcpy (1 process)", memcpy, lambda: expected_payload),
+             (REFERENCE, tcp, lambda: expected_payload),
+             ("raw jax transfer pull", jax_pull, lambda: tree_crc(tree_of(nbytes, 0))),
+             ("ray.put + ray.get", ray_get, lambda: expected_payload)]
+    try:
+        import pyarrow.flight  # noqa: F401
+
+        location = ray.get(sender.flight_serve.remote(nbytes))
+        paths.append(("Arrow Flight do_get", lambda: ray.get(receiver.flight_get.remote(location)),
+                      lambda: expected_payload))
+    except ImportError:
+        print("(Arrow Flight skipped: pip install pyarrow)", file=sys.stderr)
+    for path, once, expected in paths:
+        results.append(_measure(path, size, repeats, once, expected))
+    crcs: list[int] = []  # the digest of each version published, newest last
+
+    def receive_mode() -> tuple[float, int]:
+        crcs.append(ray.get(sender.publish.remote(nbytes)))
+        return ray.get(receiver.receive.remote())
+
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix="weightwire-bench-") as directory:
+            config = ww.TransferConfig(mode=mode, coordinator_name=f"{base.coordinator_name}-{mode}-{size}",
+                                       host="127.0.0.1", timeout_s=300.0,
+                                       checkpoint_dir=directory if mode == "checkpoint" else None)
+            ray.get([sender.start_mode.remote(config), receiver.start_mode.remote(config)])
+            results.append(_measure(f"weightwire mode={mode}", size, repeats, receive_mode, lambda: crcs[-1]))
+            ray.get([receiver.close.remote(), sender.close.remote()])
+    return results
+
+
 def run(sizes_mib: list[int], repeats: int, modes: list[str]) -> list[Measurement]:
     import ray
 
@@ -250,57 +310,7 @@ def run(sizes_mib: list[int], repeats: int, modes: list[str]) -> list[Measuremen
     results: list[Measurement] = []
     try:
         for size in sizes_mib:
-            nbytes = size * MiB
-            expected_payload = crc(payload(nbytes))
-
-            def memcpy() -> tuple[float, int]:
-                src, dst = payload(nbytes), np.empty(nbytes, dtype=np.uint8)
-                dst.fill(0)  # fault the pages in first, as a staging buffer would be
-                start = time.perf_counter()
-                np.copyto(dst, src)
-                return time.perf_counter() - start, crc(dst)
-
-            def tcp() -> tuple[float, int]:
-                address = ray.get(receiver.listen_tcp.remote())
-                pending = receiver.receive_tcp.remote(nbytes)
-                ray.get(sender.send_tcp.remote(address, nbytes))
-                return ray.get(pending)
-
-            def jax_pull() -> tuple[float, int]:
-                address, pull_id, specs = ray.get(sender.offer_pull.remote(nbytes))
-                return ray.get(receiver.pull.remote(address, pull_id, specs))
-
-            def ray_get() -> tuple[float, int]:
-                return ray.get(receiver.get.remote(ray.get(sender.put.remote(nbytes))))
-
-            paths = [("numpy memcpy (1 process)", memcpy, lambda: expected_payload),
-                     (REFERENCE, tcp, lambda: expected_payload),
-                     ("raw jax transfer pull", jax_pull, lambda: tree_crc(tree_of(nbytes, 0))),
-                     ("ray.put + ray.get", ray_get, lambda: expected_payload)]
-            try:
-                import pyarrow.flight  # noqa: F401
-
-                location = ray.get(sender.flight_serve.remote(nbytes))
-                paths.append(("Arrow Flight do_get", lambda: ray.get(receiver.flight_get.remote(location)),
-                              lambda: expected_payload))
-            except ImportError:
-                print("(Arrow Flight skipped: pip install pyarrow)", file=sys.stderr)
-            for path, once, expected in paths:
-                results.append(_measure(path, size, repeats, once, expected))
-            for mode in modes:
-                with tempfile.TemporaryDirectory(prefix="weightwire-bench-") as directory:
-                    config = ww.TransferConfig(mode=mode, coordinator_name=f"{base.coordinator_name}-{mode}-{size}",
-                                               host="127.0.0.1", timeout_s=300.0,
-                                               checkpoint_dir=directory if mode == "checkpoint" else None)
-                    ray.get([sender.start_mode.remote(config), receiver.start_mode.remote(config)])
-                    crcs: list[int] = []
-
-                    def receive_mode() -> tuple[float, int]:
-                        crcs.append(ray.get(sender.publish.remote(nbytes)))
-                        return ray.get(receiver.receive.remote())
-
-                    results.append(_measure(f"weightwire mode={mode}", size, repeats, receive_mode, lambda: crcs[-1]))
-                    ray.get([receiver.close.remote(), sender.close.remote()])
+            results.extend(_run_size(ray, sender, receiver, size, repeats, modes, base))
     finally:
         ray.get([receiver.close.remote(), sender.close.remote()], timeout=60)
         ray.kill(sender)

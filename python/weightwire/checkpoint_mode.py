@@ -78,6 +78,7 @@ class Server(BaseServer):
         super().__init__(config, config.checkpoint_dir)
         self._pending: tuple[Manifest, list[Any]] | None = None
         self._writing = False
+        self._write_error: str | None = None  # the last failed write, reported by flush()
         self._wake = threading.Condition()
         self._writer = threading.Thread(target=self._write_loop, name=f"weightwire-ckpt-{self.epoch[:8]}",
                                         daemon=True)
@@ -121,9 +122,11 @@ class Server(BaseServer):
             try:
                 self._publish(self._write(manifest, leaves))
                 self._prune()
-            except Exception:  # noqa: BLE001 - a failed write must not stop later ones
+                self._write_error = None
+            except Exception as exc:  # noqa: BLE001 - a failed write must not stop later ones
                 logger.exception("writing checkpoint of weight_id %d under %s failed", manifest.weight_id,
                                  self._config.checkpoint_dir)
+                self._write_error = f"weight_id {manifest.weight_id}: {type(exc).__name__}: {exc}"
             finally:
                 with self._wake:
                     self._writing = False
@@ -166,7 +169,8 @@ class Server(BaseServer):
                 self._fs.rm(f"{self._root.rstrip('/')}/{name}", recursive=True)
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Waits until every version served so far is written and published."""
+        """Waits until every version served so far is written and published; raises
+        WeightTransferError if the newest write failed."""
         deadline = time.monotonic() + (self._config.timeout_s if timeout_s is None else timeout_s)
         with self._wake:
             while self._pending is not None or self._writing:
@@ -175,6 +179,9 @@ class Server(BaseServer):
                     raise TransferTimeoutError(f"checkpoint writes under {self._config.checkpoint_dir} did not "
                                                f"finish within {timeout_s} s")
                 self._wake.wait(left)
+            if self._write_error is not None:
+                raise WeightTransferError(f"writing a checkpoint under {self._config.checkpoint_dir} failed: "
+                                          f"{self._write_error}")
 
     def _shutdown(self) -> None:
         with self._wake:

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 # A server that has not asked for work this long is presumed dead: its pending tickets fail.
 SERVER_SILENCE_S = 10.0
+# Settled tickets (expired, refused, failed) are forgotten this long after they settled, even if
+# their client died before saying finish().
+SETTLED_TTL_S = 60.0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Ticket:
     uuid: int = 0  # the pull to make, once offered
     expires_at: float = 0.0  # monotonic time after which the offer is gone
     reason: str = ""
+    settled_at: float = 0.0  # when it reached a final state
 
 
 @dataclass
@@ -154,9 +158,14 @@ class CoordinatorState:
 
     def _expire(self) -> None:
         now = self._clock()
-        for ticket in self._tickets.values():
+        for ticket in list(self._tickets.values()):
             if ticket.status == "offered" and now > ticket.expires_at:
                 ticket.status, ticket.reason = "expired", "the offer expired before the pull finished"
+            if ticket.status in ("expired", "refused", "failed"):
+                if not ticket.settled_at:
+                    ticket.settled_at = now
+                elif now - ticket.settled_at > SETTLED_TTL_S:
+                    del self._tickets[ticket.request_id]
 
 
 def _newer(manifest: Manifest | None, epoch: str | None, weight_id: int | None) -> bool:
