@@ -51,3 +51,32 @@ def test_bench_measures_every_path_exactly_and_writes_json(tmp_path: Path) -> No
 def test_demo_rejects_an_unknown_mode() -> None:
     result = _weightwire("demo", "--mode", "pigeon")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_ctrl_c_stops_the_demo_and_leaves_nothing_behind() -> None:
+    import os
+    import signal
+    import time
+
+    raylets, shm = _raylets(), _shm()
+    demo = subprocess.Popen([sys.executable, "-m", "weightwire", "demo", "--size", "8", "--layers", "2",
+                             "--steps", "1000", "--step-seconds", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # Interrupt once rollout actors exist, i.e. in the middle of the job.
+        while subprocess.run(["pgrep", "-f", "ray::Rollout"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "the demo's rollout actors never started"
+            try:  # waiting on the demo itself paces the polling
+                demo.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            pytest.fail(f"the demo exited early: {demo.communicate()[1][-2000:]}")
+        os.kill(demo.pid, signal.SIGINT)
+        _, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, err[-2000:]
+    assert _raylets() == raylets, "Ray processes outlived the interrupted demo"
+    assert _shm() <= shm
