@@ -101,6 +101,16 @@ def test_an_offer_for_a_ticket_the_client_gave_up_is_ignored(state: CoordinatorS
     assert state.tickets() == []
 
 
+def test_a_replaced_trainer_stops_counting_as_a_user(clock: Clock) -> None:
+    state = CoordinatorState(clock)
+    state.attach("server-e1")
+    state.register_server("e1", "127.0.0.1:5000", "server-e1")
+    state.attach("client")
+    state.attach("server-e2")  # the restarted trainer; e1 crashed without detaching
+    state.register_server("e2", "127.0.0.1:6000", "server-e2")
+    assert state.detach("client") == 1 and state.detach("server-e2") == 0
+
+
 def test_users_attach_and_detach(state: CoordinatorState) -> None:
     assert state.attach("a") == 1 and state.attach("b") == 2 and state.attach("a") == 2
     assert state.detach("a") == 1 and state.detach("a") == 1 and state.detach("b") == 0

@@ -61,6 +61,19 @@ def test_a_mismatch_is_caught_before_the_trainer_is_asked_for_an_offer(server: A
     assert server.metrics().offers == 0
 
 
+def test_a_version_announced_but_not_served_fails_fast_instead_of_spinning(server: Any, client: Any) -> None:
+    server.serve_weights(1, {"w": jnp.ones(4)})
+    with server._lock:
+        server._latest = None  # as if the trainer lost it between staging and publishing
+    start = time.monotonic()
+    with pytest.raises(ww.WeightTransferError, match="no longer serves it"):
+        client.receive_weights(None, timeout_s=10)
+    with pytest.raises(ww.TransferTimeoutError):
+        client.receive_weights(None, wait=True, timeout_s=2)
+    assert time.monotonic() - start < 10
+    assert server.metrics().refusals <= 2  # asked once per call, not in a loop
+
+
 def test_close_removes_the_coordinator_after_its_last_user(config: ww.TransferConfig, ray_cluster: Any) -> None:
     server = ww.create_server(config)
     client = ww.create_client(config)

@@ -15,7 +15,7 @@ import weightwire as ww
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(240)]
 
 SMALL = 1 << 16
-BIG = 32 << 20  # float32 elements: 128 MiB, long enough to be killed mid-pull
+BIG = 96 << 20  # float32 elements: 384 MiB, a pull long enough to be killed in the middle
 
 
 @pytest.fixture
@@ -78,8 +78,10 @@ def test_a_client_killed_mid_transfer_does_not_wedge_the_server(ray_cluster: Any
         pending = doomed.receive.remote(BIG, wait=True, timeout_s=30)
         _wait_for_offer(ray, config, doomed_id)
         _kill(ray, doomed)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(pending, timeout=60)
+        try:  # the kill usually lands mid-pull; if the pull won the race, it must have been exact
+            assert ray.get(pending, timeout=60) == (1, True)
+        except ray.exceptions.RayActorError:
+            pass
         assert ray.get(survivor.receive.remote(BIG, wait=True, timeout_s=30), timeout=60) == (1, True)
         assert ray.get(trainer.serve.remote(2, SMALL), timeout=60)
         assert ray.get(survivor.receive.remote(SMALL, wait=True, timeout_s=30), timeout=60) == (2, True)
@@ -101,9 +103,11 @@ def test_a_dead_server_makes_waiting_clients_fail_by_their_deadline(ray_cluster:
         _wait_for_offer(ray, config, pulling_id)
         _kill(ray, trainer)
         # One client was mid-pull, the other waits for a version that will never come.
-        kind, message, seconds, _ = ray.get(mid_pull, timeout=60)
-        assert kind, "a pull from a killed trainer returned weights"
-        assert "WeightTransferError" in ray.get(pulling.error_classes.remote(kind), timeout=30)
+        kind, message, seconds, result = ray.get(mid_pull, timeout=60)
+        if kind:  # the usual case: the trainer died mid-pull
+            assert "WeightTransferError" in ray.get(pulling.error_classes.remote(kind), timeout=30)
+        else:  # the pull finished before the kill landed: then it must be exact
+            assert result == (1, True)
         assert seconds < timeout_s + 2.0, message
         kind, message, seconds, _ = ray.get(waiting.receive_or_error.remote(BIG, timeout_s), timeout=60)
         assert kind and "WeightTransferError" in ray.get(waiting.error_classes.remote(kind), timeout=30)

@@ -60,7 +60,8 @@ class CoordinatorClient:
     def wait(self, method: str, *args: Any, timeout_s: float) -> Any:
         """A long-poll (wait_requests, wait_ticket, wait_newer) bounded by timeout_s, plus slack
         for the call itself."""
-        return self.get(getattr(self.actor, method).remote(*args, timeout_s), timeout_s + 5.0, method)
+        # The actor answers by timeout_s; the slack only covers the reply's trip back.
+        return self.get(getattr(self.actor, method).remote(*args, timeout_s), timeout_s + 1.5, method)
 
     def call_soon(self, method: str, *args: Any) -> None:
         """Fire and forget, for bookkeeping off the critical path (a failure is only logged by Ray)."""

@@ -171,13 +171,14 @@ class Server(BaseServer):
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits until every version served so far is written and published; raises
         WeightTransferError if the newest write failed."""
-        deadline = time.monotonic() + (self._config.timeout_s if timeout_s is None else timeout_s)
+        timeout = self._config.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         with self._wake:
             while self._pending is not None or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TransferTimeoutError(f"checkpoint writes under {self._config.checkpoint_dir} did not "
-                                               f"finish within {timeout_s} s")
+                                               f"finish within {timeout:g} s")
                 self._wake.wait(left)
             if self._write_error is not None:
                 raise WeightTransferError(f"writing a checkpoint under {self._config.checkpoint_dir} failed: "
@@ -199,12 +200,17 @@ class Client(BaseClient):
         location: CheckpointLocation = manifest.location
         try:
             host = self._read(location, manifest)
+        except IntegrityError:
+            raise
         except FileNotFoundError:
             latest = self._coordinator.call("latest", timeout_s=remaining(deadline))
             if latest is not None and (latest.epoch, latest.weight_id) != (manifest.epoch, manifest.weight_id):
                 return None  # pruned because newer versions exist: take the newest
             raise WeightTransferError(f"weight_id {manifest.weight_id}: {location.url} is missing, and it is "
                                       "still the newest version") from None
+        except OSError as exc:  # permissions, a remote store's errors, ...
+            raise WeightTransferError(f"weight_id {manifest.weight_id}: reading {location.url} failed: "
+                                      f"{exc}") from None
         remaining(deadline)
         return jax.block_until_ready([jax.device_put(h, spec.sharding) for h, spec in zip(host, specs, strict=True)])
 

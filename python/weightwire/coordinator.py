@@ -44,6 +44,7 @@ class _Server:
     epoch: str
     address: str
     last_seen: float
+    user_id: str = ""
 
 
 class CoordinatorState:
@@ -66,13 +67,15 @@ class CoordinatorState:
         return len(self._users)
 
     # --- server side --------------------------------------------------------------------------
-    def register_server(self, epoch: str, address: str) -> None:
-        """A (re)started trainer: its epoch replaces the previous one, whose tickets fail."""
+    def register_server(self, epoch: str, address: str, user_id: str = "") -> None:
+        """A (re)started trainer: its epoch replaces the previous one, whose tickets fail. The
+        replaced trainer (crashed, most likely) no longer counts as a user."""
         if self._server is not None and self._server.epoch != epoch:
             logger.info("epoch %s replaces %s", epoch, self._server.epoch)
             self._fail_epoch(self._server.epoch, f"trainer epoch {self._server.epoch} was replaced by {epoch}")
+            self._users.discard(self._server.user_id)
             self._latest = None
-        self._server = _Server(epoch, address, self._clock())
+        self._server = _Server(epoch, address, self._clock(), user_id)
 
     def unregister_server(self, epoch: str) -> None:
         if self._server is not None and self._server.epoch == epoch:

@@ -68,7 +68,7 @@ class JaxTransferServer(BaseServer):
         return jax.tree.map(lambda leaf: leaf.copy(), params)
 
     def _stage(self, manifest: Manifest, leaves: list[Any]) -> Manifest:
-        with self._lock:
+        with self._lock:  # serve_weights calls are serialized, so ids arrive in increasing order
             self._latest = (manifest.weight_id, leaves, manifest.nbytes)  # older ones: dropped
         return manifest
 

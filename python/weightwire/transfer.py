@@ -35,9 +35,13 @@ class BaseServer:
         self._config = config
         self.epoch = uuid.uuid4().hex
         self.address = address
-        self._coordinator = CoordinatorClient(config, f"server-{self.epoch}")
-        self._coordinator.call("register_server", self.epoch, self.address)
+        user_id = f"server-{self.epoch}"
+        self._coordinator = CoordinatorClient(config, user_id)
+        self._coordinator.call("register_server", self.epoch, self.address, user_id)
         self._lock = threading.Lock()
+        # One serve_weights (or close) at a time: staging and publishing then happen in id order,
+        # so the version a mode holds is always the one the coordinator announces.
+        self._serve_lock = threading.Lock()
         self._last_id: int | None = None
         self._metrics = ServerMetrics()
         self._closed = False
@@ -58,11 +62,16 @@ class BaseServer:
     def serve_weights(self, weight_id: int, params: Any) -> bool:
         """Publishes `params` as `weight_id`. Returns False (logged) when weight_id is not above
         the last one served: ids only grow within an epoch, and the older one is ignored."""
-        import jax
 
         int_arg(weight_id, "weight_id", minimum=0)
-        if self._closed:
-            raise WeightTransferError(f"server {self.address} is closed")
+        with self._serve_lock:
+            if self._closed:
+                raise WeightTransferError(f"server {self.address} is closed")
+            return self._serve(weight_id, params)
+
+    def _serve(self, weight_id: int, params: Any) -> bool:
+        import jax
+
         if not self._claim(weight_id, claim=False):
             return False
         arrays = as_device_arrays(params)  # bad leaves raise here, claiming nothing
@@ -104,9 +113,10 @@ class BaseServer:
         return dataclasses.replace(self._metrics)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._serve_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._shutdown()
         try:
             self._coordinator.call("unregister_server", self.epoch, timeout_s=10.0)
@@ -180,9 +190,17 @@ class BaseClient:
             raise WeightTransferError(f"client {self.client_id} is closed")
         timeout = self._config.timeout_s if timeout_s is None else seconds_arg(timeout_s, "timeout_s")
         deadline = time.monotonic() + timeout
+        refused: tuple[str, int] | None = None  # a version the trainer would not serve
         try:
             while True:
                 manifest = self._coordinator.call("latest", timeout_s=remaining(deadline))
+                if manifest is not None and (manifest.epoch, manifest.weight_id) == refused:
+                    # Announced, yet not served (the trainer failed between staging and
+                    # publishing): no point asking again until something newer is published.
+                    if not wait:
+                        raise WeightTransferError(f"weight_id {refused[1]} is announced but its trainer no "
+                                                  "longer serves it")
+                    manifest = self._coordinator.wait("wait_newer", *refused, timeout_s=remaining(deadline))
                 if not self._is_newer(manifest):
                     if not wait:
                         return None
@@ -199,6 +217,7 @@ class BaseClient:
                 if leaves is not None:
                     return self._record(manifest, manifest.treedef.unflatten(leaves), time.perf_counter() - start)
                 # Superseded between our look and our fetch: go again for the newest.
+                refused = (manifest.epoch, manifest.weight_id)
         except TransferTimeoutError:
             self._metrics.timeouts += 1
             raise
