@@ -33,11 +33,19 @@ class CoordinatorClient:
         self._name = config.coordinator_name
         self._timeout_s = config.timeout_s
         self._user_id = user_id
-        try:
-            self.actor = coordinator_actor(config.coordinator_name, config.ray_namespace)
-        except Exception as exc:  # noqa: BLE001 - any failure to create it is a coordinator failure
-            raise CoordinatorError(f"cannot create coordinator {self._name!r}: {exc}") from exc
-        self.call("attach", user_id)
+        for attempt in (1, 2):
+            try:
+                self.actor = coordinator_actor(config.coordinator_name, config.ray_namespace)
+            except Exception as exc:  # noqa: BLE001 - any failure to create it is a coordinator failure
+                raise CoordinatorError(f"cannot create coordinator {self._name!r}: {exc}") from exc
+            try:
+                self.call("attach", user_id)
+                return
+            except CoordinatorError:
+                # Found it just as its last user removed it: the second get_if_exists creates a
+                # fresh one.
+                if attempt == 2:
+                    raise
 
     def get(self, ref: Any, timeout_s: float, what: str) -> Any:
         """ray.get with a deadline; Ray's failures become weightwire's errors."""

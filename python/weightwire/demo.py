@@ -155,7 +155,10 @@ def run_mode(ray: Any, mode: str, args: argparse.Namespace, progress: Any) -> Mo
                 _collect(ray, polls, digests, result, final=False, timeout=args.timeout)
             _collect(ray, polls, digests, result, final=True, timeout=args.timeout, last=args.steps)
         finally:
-            ray.get([r.close.remote() for r in rollouts] + [trainer.close.remote()], timeout=args.timeout)
+            try:
+                ray.get([r.close.remote() for r in rollouts] + [trainer.close.remote()], timeout=args.timeout)
+            except Exception as exc:  # noqa: BLE001 - the actors are killed below either way
+                logger.warning("closing the %s demo actors: %s", mode, exc)
             for actor in (trainer, *rollouts):
                 ray.kill(actor)
     return result
