@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def config() -> ww.TransferConfig:
     return ww.TransferConfig(mode="jax", coordinator_name=f"test-{uuid.uuid4().hex[:8]}", host="127.0.0.1",
                              timeout_s=20.0)
-
-
-@pytest.fixture
-def server(config: ww.TransferConfig) -> Iterator[Any]:
-    with ww.create_server(config) as s:
-        yield s
-
-
-@pytest.fixture
-def client(config: ww.TransferConfig, server: Any) -> Iterator[Any]:
-    with ww.create_client(config) as c:
-        yield c
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import gc
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +32,6 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> ww.TransferConfig:
         (tmp_path / "ckpt").mkdir()
     return ww.TransferConfig(mode=request.param, coordinator_name=f"modes-{uuid.uuid4().hex[:8]}",
                              host="127.0.0.1", timeout_s=30.0, **extra)
-
-
-@pytest.fixture
-def server(config: ww.TransferConfig) -> Iterator[Any]:
-    with ww.create_server(config) as s:
-        yield s
-
-
-@pytest.fixture
-def client(config: ww.TransferConfig, server: Any) -> Iterator[Any]:
-    with ww.create_client(config) as c:
-        yield c
 
 
 def publish(server: Any, weight_id: int, params: Any) -> None:
