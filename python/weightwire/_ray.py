@@ -71,6 +71,11 @@ class CoordinatorClient:
         # The actor answers by timeout_s; the slack only covers the reply's trip back.
         return self.get(getattr(self.actor, method).remote(*args, timeout_s), timeout_s + 1.5, method)
 
+    def ready(self, ref: Any, timeout_s: float) -> bool:
+        """Whether `ref` has its answer, waiting at most timeout_s."""
+        done, _ = self._ray.wait([ref], timeout=timeout_s)
+        return bool(done)
+
     def call_soon(self, method: str, *args: Any) -> None:
         """Fire and forget, for bookkeeping off the critical path (a failure is only logged by Ray)."""
         self.actor.call.remote(method, *args)

@@ -15,7 +15,7 @@ from weightwire._checks import int_arg, seconds_arg
 from weightwire._ray import CoordinatorClient
 from weightwire.api import ClientMetrics, ServerMetrics, WeightUpdate
 from weightwire.config import TransferConfig
-from weightwire.errors import CoordinatorError, TransferTimeoutError, WeightTransferError
+from weightwire.errors import CoordinatorError, IntegrityError, TransferTimeoutError, WeightTransferError
 from weightwire.manifest import (
     Manifest,
     as_device_arrays,
@@ -132,6 +132,53 @@ class BaseServer:
         self.close()
 
 
+class Announcements:
+    """The coordinator's newest manifest, kept current by a long-poll in a background thread, so
+    receive_weights can start fetching a new version without a round trip first. It never decides
+    alone: the coordinator is asked in parallel, and a fetch overtaken by a newer version is redone
+    (late clients always get the latest)."""
+
+    POLL_S = 1.0
+    STOP_CHECK_S = 0.05  # how soon close() is noticed while a long-poll is in flight
+
+    def __init__(self, coordinator: CoordinatorClient, name: str) -> None:
+        self._coordinator = coordinator
+        self._newest: Manifest | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"weightwire-announce-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            seen = self._newest
+            try:
+                ref = self._coordinator.actor.wait_newer.remote(seen.epoch if seen else None,
+                                                                seen.weight_id if seen else None, self.POLL_S)
+                deadline = time.monotonic() + self.POLL_S + 5.0
+                while not self._coordinator.ready(ref, self.STOP_CHECK_S):
+                    if self._stop.is_set():
+                        return  # the actor finishes its long-poll on its own
+                    if time.monotonic() > deadline:
+                        raise TransferTimeoutError("the coordinator did not answer a long-poll")
+                newest = self._coordinator.get(ref, 5.0, "wait_newer")
+            except Exception:  # noqa: BLE001 - coordinator trouble: receive_weights reports it
+                self._stop.wait(self.POLL_S)
+                continue
+            if newest is not None:
+                self._newest = newest
+
+    def newest(self) -> Manifest | None:
+        return self._newest
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(self.POLL_S + 6.0)
+
+
+def _supersedes(newer: Manifest | None, than: Manifest) -> bool:
+    return newer is not None and (newer.epoch != than.epoch or newer.weight_id > than.weight_id)
+
+
 def remaining(deadline: float) -> float:
     """Seconds left before `deadline` (time.monotonic); TransferTimeoutError once it passed."""
     left = deadline - time.monotonic()
@@ -154,6 +201,7 @@ class BaseClient:
         self._shardings = shardings
         self.client_id = f"client-{uuid.uuid4().hex}"
         self._coordinator = CoordinatorClient(config, self.client_id)
+        self._announcements = Announcements(self._coordinator, self.client_id[-8:])
         self._epoch: str | None = None
         self._weight_id: int | None = None
         self._metrics = ClientMetrics()
@@ -191,9 +239,15 @@ class BaseClient:
         timeout = self._config.timeout_s if timeout_s is None else seconds_arg(timeout_s, "timeout_s")
         deadline = time.monotonic() + timeout
         refused: tuple[str, int] | None = None  # a version the trainer would not serve
+        announced = self._announcements.newest()
         try:
             while True:
-                manifest = self._coordinator.call("latest", timeout_s=remaining(deadline))
+                check = None  # the coordinator's answer, asked in parallel with a fetch we started early
+                if self._is_newer(announced):
+                    manifest, announced = announced, None
+                    check = self._coordinator.actor.call.remote("latest")
+                else:
+                    manifest = self._coordinator.call("latest", timeout_s=remaining(deadline))
                 if manifest is not None and (manifest.epoch, manifest.weight_id) == refused:
                     # Announced, yet not served (the trainer failed between staging and
                     # publishing): no point asking again until something newer is published.
@@ -209,11 +263,22 @@ class BaseClient:
                     if not self._is_newer(manifest):
                         raise TransferTimeoutError(
                             f"no weights newer than weight_id {self._weight_id} within {timeout:g} s")
+                assert manifest is not None  # _is_newer(None) is False
                 start = time.perf_counter()  # the transfer, not the wait for a version, is timed
                 placeholder = old_params if old_params is not None else placeholder_from_manifest(
                     manifest, self._shardings)
                 specs = check_placeholder(manifest, placeholder, check_layout=self.check_layout)
-                leaves = self._fetch(manifest, specs, deadline) if specs else []
+                try:
+                    leaves = self._fetch(manifest, specs, deadline) if specs else []
+                except (IntegrityError, TransferTimeoutError):
+                    raise
+                except WeightTransferError:
+                    if check is None:
+                        raise
+                    continue  # an announcement already overtaken (a replaced trainer): ask afresh
+                if check is not None and _supersedes(self._coordinator.get(check, remaining(deadline), "latest"),
+                                                     manifest):
+                    continue  # a newer version was published meanwhile: that is the one to return
                 if leaves is not None:
                     return self._record(manifest, manifest.treedef.unflatten(leaves), time.perf_counter() - start)
                 # Superseded between our look and our fetch: go again for the newest.
@@ -246,6 +311,7 @@ class BaseClient:
         if self._closed:
             return
         self._closed = True
+        self._announcements.close()
         self._shutdown()
         self._coordinator.detach()
 
