@@ -345,6 +345,7 @@ def plot(results: list[Measurement], path: str) -> None:
         points = [(m.size_mib, m.median_gbps) for m in results if m.path == name]
         ax.plot(*zip(*points, strict=True), marker="o", label=name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # memcpy and zero-copy paths sit orders of magnitude above the links
     ax.set_xlabel("transfer size (MiB)")
     ax.set_ylabel("GB/s (median)")
     ax.set_title("weightwire bench")
