@@ -28,7 +28,7 @@ def clock() -> Clock:
 @pytest.fixture
 def state(clock: Clock) -> CoordinatorState:
     s = CoordinatorState(clock)
-    s.register_server("e1", "127.0.0.1:5000")
+    s.register_server("e1", "trainer-a:5000")
     return s
 
 
@@ -41,7 +41,7 @@ def test_a_ticket_is_offered_only_after_the_server_offers(state: CoordinatorStat
     assert state.take_requests("e1") == []  # taken once
     state.offer("e1", rid, 77, 60.0)
     ticket = state.ticket(rid)
-    assert (ticket.status, ticket.uuid, ticket.address) == ("offered", 77, "127.0.0.1:5000")
+    assert (ticket.status, ticket.uuid, ticket.address) == ("offered", 77, "trainer-a:5000")
     state.finish(rid)
     with pytest.raises(LookupError):
         state.ticket(rid)
@@ -64,7 +64,7 @@ def test_ids_only_grow_within_an_epoch(state: CoordinatorState) -> None:
 def test_a_new_epoch_replaces_the_old_and_fails_its_tickets(state: CoordinatorState) -> None:
     state.publish("e1", 9, manifest("e1", 9))
     rid = state.request("c1", "e1", 9)
-    state.register_server("e2", "127.0.0.1:6000")
+    state.register_server("e2", "trainer-b:6000")
     assert state.ticket(rid).status == "failed" and "replaced" in state.ticket(rid).reason
     assert state.latest() is None
     assert state.publish("e2", 1, manifest("e2", 1))  # lower ids are fine in the new epoch
@@ -89,7 +89,7 @@ def test_a_silent_server_fails_waiting_tickets(state: CoordinatorState, clock: C
     rid = state.request("c1", "e1", 1)
     clock.now += SERVER_SILENCE_S + 1
     ticket = state.ticket(rid)
-    assert ticket.status == "failed" and "127.0.0.1:5000" in ticket.reason
+    assert ticket.status == "failed" and "trainer-a:5000" in ticket.reason
 
 
 def test_an_offer_for_a_ticket_the_client_gave_up_is_ignored(state: CoordinatorState) -> None:
@@ -104,10 +104,10 @@ def test_an_offer_for_a_ticket_the_client_gave_up_is_ignored(state: CoordinatorS
 def test_a_replaced_trainer_stops_counting_as_a_user(clock: Clock) -> None:
     state = CoordinatorState(clock)
     state.attach("server-e1")
-    state.register_server("e1", "127.0.0.1:5000", "server-e1")
+    state.register_server("e1", "trainer-a:5000", "server-e1")
     state.attach("client")
     state.attach("server-e2")  # the restarted trainer; e1 crashed without detaching
-    state.register_server("e2", "127.0.0.1:6000", "server-e2")
+    state.register_server("e2", "trainer-b:6000", "server-e2")
     assert state.detach("client") == 1 and state.detach("server-e2") == 0
 
 
