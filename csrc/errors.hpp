@@ -37,3 +37,14 @@ public:
 };
 
 }  // namespace ww
+
+namespace ww {
+
+// Received bytes that are not what was published: a bad frame header or a checksum mismatch.
+// Surfaces as weightwire.errors.IntegrityError; such bytes are never returned as weights.
+class IntegrityFailure : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+}  // namespace ww

@@ -13,6 +13,8 @@
 #include "errors.hpp"
 #include "net.hpp"
 #include "staging.hpp"
+#include "stream.hpp"
+#include "wire.hpp"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -147,6 +149,122 @@ py::tuple accepted_tuple(const ww::Accepted& a) {
     return out;
 }
 
+ww::ChunkPlan& plan_of(py::handle self) { return native<ww::ChunkPlan>(self); }
+
+const ww::Chunk& chunk_at(const ww::ChunkPlan& plan, long long index) {
+    if (index < 0 || static_cast<std::size_t>(index) >= plan.chunks().size()) {
+        throw std::invalid_argument("chunk " + std::to_string(index) + " does not exist (the plan has " +
+                                    std::to_string(plan.chunks().size()) + ")");
+    }
+    return plan.chunks()[static_cast<std::size_t>(index)];
+}
+
+void require_size(const HeldBuffer& buf, std::uint64_t nbytes, const char* role) {
+    if (buf.size() < nbytes) {
+        throw std::invalid_argument(std::string(role) + " holds " + std::to_string(buf.size()) + " bytes; the plan needs " +
+                                    std::to_string(nbytes));
+    }
+}
+
+unsigned thread_count(long long threads) {
+    const std::size_t n = std::min<std::size_t>(non_negative(threads, "threads"), 64);
+    return n == 0 ? ww::default_copy_threads() : static_cast<unsigned>(n);
+}
+
+void bind_transport(py::module_& m) {
+    py::class_<ww::ChunkPlan>(m, "ChunkPlan")
+        .def(py::init<const std::vector<std::uint64_t>&, std::uint64_t>(), "leaf_nbytes"_a, "chunk_bytes"_a)
+        .def_property_readonly("total_bytes", [](py::handle self) { return plan_of(self).total_bytes(); })
+        .def_property_readonly("chunk_bytes", [](py::handle self) { return plan_of(self).chunk_bytes(); })
+        .def_property_readonly("leaf_offsets", [](py::handle self) { return plan_of(self).leaf_offsets(); })
+        .def_property_readonly("num_chunks", [](py::handle self) { return plan_of(self).chunks().size(); })
+        .def_property("crcs", [](py::handle self) { return plan_of(self).crcs(); },
+                      [](py::handle self, const std::vector<std::uint32_t>& crcs) { plan_of(self).set_crcs(crcs); });
+
+    m.def(
+        "stage_leaf",
+        [](py::handle plan_obj, py::handle dst, long long leaf, py::handle src, long long threads) {
+            ww::ChunkPlan& plan = plan_of(plan_obj);
+            if (leaf < 0 || static_cast<std::size_t>(leaf) >= plan.leaf_nbytes().size()) {
+                throw std::invalid_argument("leaf " + std::to_string(leaf) + " does not exist");
+            }
+            HeldBuffer out(dst, PyBUF_SIMPLE | PyBUF_WRITABLE, "dst");
+            HeldBuffer in(src, PyBUF_SIMPLE, "src");
+            require_size(out, plan.total_bytes(), "dst");
+            if (in.size() != plan.leaf_nbytes()[static_cast<std::size_t>(leaf)]) {
+                throw std::invalid_argument("src holds " + std::to_string(in.size()) + " bytes; leaf " +
+                                            std::to_string(leaf) + " has " +
+                                            std::to_string(plan.leaf_nbytes()[static_cast<std::size_t>(leaf)]));
+            }
+            const unsigned n = thread_count(threads);
+            // Safe without the GIL: both buffers stay exported until this returns; the plan is
+            // only written by its owner, which is this call.
+            py::gil_scoped_release nogil;
+            ww::stage_leaf(out.data(), in.data(), plan, static_cast<std::uint32_t>(leaf), n);
+        },
+        "plan"_a, "dst"_a, "leaf"_a, "src"_a, "threads"_a = 0);
+    m.def(
+        "copy_verified",
+        [](py::handle plan_obj, py::handle dst, py::handle src, long long threads) {
+            const ww::ChunkPlan& plan = plan_of(plan_obj);
+            HeldBuffer out(dst, PyBUF_SIMPLE | PyBUF_WRITABLE, "dst");
+            HeldBuffer in(src, PyBUF_SIMPLE, "src");
+            require_size(out, plan.total_bytes(), "dst");
+            require_size(in, plan.total_bytes(), "src");
+            const unsigned n = thread_count(threads);
+            // Safe without the GIL: both buffers stay exported until this returns.
+            py::gil_scoped_release nogil;
+            ww::copy_verified(out.data(), in.data(), plan, n);
+        },
+        "plan"_a, "dst"_a, "src"_a, "threads"_a = 0);
+    m.def(
+        "send_stripe",
+        [](int fd, py::handle plan_obj, py::handle src, unsigned stream, unsigned streams, std::uint64_t epoch,
+           std::uint64_t weight_id, double timeout_s, long long corrupt_chunk, long long cut_after_bytes) {
+            const ww::ChunkPlan& plan = plan_of(plan_obj);
+            HeldBuffer in(src, PyBUF_SIMPLE, "src");
+            require_size(in, plan.total_bytes(), "src");
+            // Safe without the GIL: the buffer stays exported and the plan is read-only once staged.
+            py::gil_scoped_release nogil;
+            ww::send_stripe(fd, in.data(), plan, stream, streams, ww::FrameTag{epoch, weight_id}, timeout_s,
+                            ww::SendFaults{corrupt_chunk, cut_after_bytes}, kInterrupt);
+        },
+        "fd"_a, "plan"_a, "src"_a, "stream"_a, "streams"_a, "epoch_tag"_a, "weight_id"_a, "timeout_s"_a,
+        py::kw_only(), "corrupt_chunk"_a = -1, "cut_after_bytes"_a = -1);
+    m.def(
+        "recv_stripe",
+        [](int fd, py::handle plan_obj, py::handle dst, unsigned stream, unsigned streams, std::uint64_t epoch,
+           std::uint64_t weight_id, double timeout_s) {
+            const ww::ChunkPlan& plan = plan_of(plan_obj);
+            HeldBuffer out(dst, PyBUF_SIMPLE | PyBUF_WRITABLE, "dst");
+            require_size(out, plan.total_bytes(), "dst");
+            // Safe without the GIL: the buffer stays exported and the plan is read-only.
+            py::gil_scoped_release nogil;
+            ww::recv_stripe(fd, out.data(), plan, stream, streams, ww::FrameTag{epoch, weight_id}, timeout_s,
+                            kInterrupt);
+        },
+        "fd"_a, "plan"_a, "dst"_a, "stream"_a, "streams"_a, "epoch_tag"_a, "weight_id"_a, "timeout_s"_a);
+    m.def(
+        "encode_frame_header",
+        [](py::handle plan_obj, long long chunk, std::uint64_t epoch, std::uint64_t weight_id) {
+            unsigned char out[ww::kFrameHeaderSize];
+            ww::encode_frame_header(ww::FrameTag{epoch, weight_id}, chunk_at(plan_of(plan_obj), chunk), out);
+            return py::bytes(reinterpret_cast<const char*>(out), sizeof out);
+        },
+        "plan"_a, "chunk"_a, "epoch_tag"_a, "weight_id"_a);
+    m.def(
+        "check_frame_header",
+        [](py::handle plan_obj, long long chunk, py::handle header, std::uint64_t epoch, std::uint64_t weight_id) {
+            const ww::Chunk& expected = chunk_at(plan_of(plan_obj), chunk);
+            HeldBuffer in(header, PyBUF_SIMPLE, "header");
+            ww::check_frame_header(reinterpret_cast<const unsigned char*>(in.data()), in.size(),
+                                   ww::FrameTag{epoch, weight_id}, expected);
+        },
+        "plan"_a, "chunk"_a, "header"_a, "epoch_tag"_a, "weight_id"_a);
+    m.attr("FRAME_HEADER_SIZE") = ww::kFrameHeaderSize;
+    m.attr("LEAF_ALIGNMENT") = ww::kLeafAlignment;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -164,6 +282,10 @@ PYBIND11_MODULE(_native, m) {
             PyErr_SetString(PyExc_MemoryError, e.what());
         } catch (const ww::BufferInUse& e) {
             PyErr_SetString(PyExc_BufferError, e.what());
+        } catch (const ww::IntegrityFailure& e) {
+            // weightwire.errors is pure Python and already imported by whoever calls into us.
+            py::object cls = py::module_::import("weightwire.errors").attr("IntegrityError");
+            PyErr_SetString(cls.ptr(), e.what());
         }
     });
 
@@ -229,7 +351,7 @@ PYBIND11_MODULE(_native, m) {
 
     auto host_buffer =
         py::class_<ww::HostBuffer>(m, "HostBuffer", py::buffer_protocol())
-            .def(py::init([](long long nbytes, long long alignment, bool lock, bool register_cuda) {
+            .def(py::init([](long long nbytes, long long alignment, bool lock, bool register_cuda, bool shared) {
                      if (nbytes < 1) {
                          throw std::invalid_argument("nbytes must be >= 1, got " + std::to_string(nbytes));
                      }
@@ -237,10 +359,10 @@ PYBIND11_MODULE(_native, m) {
                      // Safe without the GIL: nothing Python is touched while pages are faulted in.
                      py::gil_scoped_release nogil;
                      return std::make_unique<ww::HostBuffer>(static_cast<std::size_t>(nbytes), align,
-                                                             lock, register_cuda);
+                                                             lock, register_cuda, shared);
                  }),
                  "nbytes"_a, py::kw_only(), "alignment"_a = static_cast<long long>(ww::page_size()),
-                 "lock"_a = true, "register_cuda"_a = true)
+                 "lock"_a = true, "register_cuda"_a = true, "shared"_a = false)
             .def_property_readonly("nbytes", checked_method<ww::HostBuffer, &ww::HostBuffer::size>())
             .def_property_readonly("alignment", checked_method<ww::HostBuffer, &ww::HostBuffer::alignment>())
             .def_property_readonly("locked", checked_method<ww::HostBuffer, &ww::HostBuffer::locked>())
@@ -257,6 +379,12 @@ PYBIND11_MODULE(_native, m) {
                                        if (b.closed()) throw std::invalid_argument("HostBuffer is closed");
                                        return reinterpret_cast<std::uintptr_t>(b.data());
                                    })
+            .def("fileno",
+                 [](py::handle self) {
+                     const int fd = buffer(self).fd();
+                     if (fd < 0) throw std::invalid_argument("only an open shared HostBuffer has a file descriptor");
+                     return fd;
+                 })
             .def("__len__", checked_method<ww::HostBuffer, &ww::HostBuffer::size>())
             .def("close", checked_method<ww::HostBuffer, &ww::HostBuffer::close>())
             .def("__enter__", [](py::object self) {
@@ -274,4 +402,6 @@ PYBIND11_MODULE(_native, m) {
     auto* type = reinterpret_cast<PyTypeObject*>(host_buffer.ptr());
     type->tp_as_buffer->bf_getbuffer = host_buffer_getbuffer;
     type->tp_as_buffer->bf_releasebuffer = host_buffer_releasebuffer;
+
+    bind_transport(m);
 }

@@ -86,8 +86,8 @@ std::string seconds_text(double s) {
     return buf;
 }
 
-// Polls `fd` for `events` in slices until it is ready or the deadline passes. Returns false on
-// timeout. `interrupt` runs after every idle slice.
+}  // namespace
+
 bool wait_ready(int fd, short events, const Deadline& deadline, const InterruptCheck& interrupt) {
     for (;;) {
         const int budget = std::min(deadline.remaining_ms(), kSliceMs);
@@ -99,8 +99,6 @@ bool wait_ready(int fd, short events, const Deadline& deadline, const InterruptC
         if (deadline.expired()) return false;
     }
 }
-
-}  // namespace
 
 std::string format_endpoint(const std::string& host, int port) {
     if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);

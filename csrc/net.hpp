@@ -27,6 +27,11 @@ struct InterfaceAddress {
 // (the Python binding uses it to deliver Ctrl-C).
 using InterruptCheck = std::function<void()>;
 
+// Polls `fd` for `events` in short slices until it is ready or `deadline` passes (false then).
+// `interrupt` runs after every idle slice, so Ctrl-C and close() are noticed promptly.
+class Deadline;
+bool wait_ready(int fd, short events, const Deadline& deadline, const InterruptCheck& interrupt);
+
 // "host:port", with brackets around IPv6 hosts; used in every message that names an address.
 std::string format_endpoint(const std::string& host, int port);
 

@@ -1,6 +1,7 @@
 #include "staging.hpp"
 
 #include <sys/mman.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -36,7 +37,7 @@ std::size_t page_size() {
     return size;
 }
 
-HostBuffer::HostBuffer(std::size_t nbytes, std::size_t alignment, bool lock, bool register_cuda) {
+HostBuffer::HostBuffer(std::size_t nbytes, std::size_t alignment, bool lock, bool register_cuda, bool shared) {
     if (nbytes == 0) throw std::invalid_argument("nbytes must be >= 1, got 0");
     if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > kMaxAlignment) {
         throw std::invalid_argument("alignment must be a power of two <= 1 GiB, got " +
@@ -53,12 +54,28 @@ HostBuffer::HostBuffer(std::size_t nbytes, std::size_t alignment, bool lock, boo
     size_ = nbytes;
     const std::size_t rounded = (nbytes + page - 1) / page * page;
     mapping_size_ = rounded + (alignment_ - page);
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    if (shared) {
+        if (alignment_ != page) {
+            throw std::invalid_argument("a shared HostBuffer is page-aligned only, got alignment " +
+                                        std::to_string(alignment));
+        }
+        fd_ = ::memfd_create("weightwire-staging", MFD_CLOEXEC);
+        if (fd_ < 0) throw_os_error(errno, "memfd_create");
+        if (::ftruncate(fd_, static_cast<off_t>(mapping_size_)) != 0) {
+            const int err = errno;
+            release_memory();
+            throw OutOfMemory("shared HostBuffer of " + std::to_string(nbytes) + " bytes: ftruncate failed: " +
+                              std::strerror(err));
+        }
+        flags = MAP_SHARED;
+    }
     // MAP_POPULATE pre-faults every page so the first transfer does not pay for page faults.
-    void* map = ::mmap(nullptr, mapping_size_, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    void* map = ::mmap(nullptr, mapping_size_, PROT_READ | PROT_WRITE, flags | MAP_POPULATE, fd_, 0);
     if (map == MAP_FAILED) {
-        throw OutOfMemory("HostBuffer of " + std::to_string(nbytes) + " bytes: mmap failed: " +
-                          std::strerror(errno));
+        const int err = errno;
+        release_memory();
+        throw OutOfMemory("HostBuffer of " + std::to_string(nbytes) + " bytes: mmap failed: " + std::strerror(err));
     }
     mapping_ = map;
     const auto base = reinterpret_cast<std::uintptr_t>(map);
@@ -86,6 +103,10 @@ void HostBuffer::close() {
 }
 
 void HostBuffer::release_memory() {
+    if (fd_ >= 0) {
+        ::close(fd_);
+        fd_ = -1;
+    }
     if (data_ == nullptr) return;
     if (cuda_registered_) cuda_host_unregister(data_);
     // munmap also drops the mlock.

@@ -13,7 +13,10 @@ public:
     // nbytes >= 1; alignment a power of two (buffers are always at least page-aligned).
     // lock: try mlock; register_cuda: try cudaHostRegister when a CUDA runtime can be loaded.
     // Neither failing is an error: locked()/cuda_registered() report what happened.
-    HostBuffer(std::size_t nbytes, std::size_t alignment, bool lock, bool register_cuda);
+    // shared: back the memory with a memfd (fd()), which another process can map; page alignment
+    // only. The memory lives until this buffer and every mapping of the fd are gone, so nothing
+    // can leak into /dev/shm.
+    HostBuffer(std::size_t nbytes, std::size_t alignment, bool lock, bool register_cuda, bool shared = false);
     ~HostBuffer();
     HostBuffer(const HostBuffer&) = delete;
     HostBuffer& operator=(const HostBuffer&) = delete;
@@ -24,6 +27,7 @@ public:
     bool locked() const { return locked_; }
     bool cuda_registered() const { return cuda_registered_; }
     bool closed() const { return data_ == nullptr; }
+    int fd() const { return fd_; }  // the memfd of a shared buffer; -1 otherwise or once closed
 
     // Live views (buffer-protocol exports). While any exists the memory cannot be freed.
     int exports() const { return exports_.load(); }
@@ -38,6 +42,7 @@ private:
     void* data_ = nullptr;
     void* mapping_ = nullptr;  // what mmap returned; data_ is aligned inside it
     std::size_t mapping_size_ = 0;
+    int fd_ = -1;
     std::size_t size_ = 0;
     std::size_t alignment_ = 0;
     bool locked_ = false;

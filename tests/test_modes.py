@@ -21,16 +21,20 @@ import weightwire as ww
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-MODES = ["jax", "ray", "checkpoint"]
-SOURCES = {"jax": "jax_transfer_server", "ray": "ray_remoting", "checkpoint": "gcs_checkpoint"}
+# "native-tcp" is mode="native" with the same-host shared-memory path switched off.
+MODES = ["jax", "ray", "checkpoint", "native", "native-tcp"]
+SOURCES = {"jax": "jax_transfer_server", "ray": "ray_remoting", "checkpoint": "gcs_checkpoint", "native": "native"}
 
 
 @pytest.fixture(params=MODES)
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> ww.TransferConfig:
-    extra = {"checkpoint_dir": str(tmp_path / "ckpt")} if request.param == "checkpoint" else {}
-    if extra:
+    mode, extra = request.param, {}
+    if mode == "checkpoint":
         (tmp_path / "ckpt").mkdir()
-    return ww.TransferConfig(mode=request.param, coordinator_name=f"modes-{uuid.uuid4().hex[:8]}",
+        extra["checkpoint_dir"] = str(tmp_path / "ckpt")
+    if mode == "native-tcp":
+        mode, extra["native_shared_memory"] = "native", False
+    return ww.TransferConfig(mode=mode, coordinator_name=f"modes-{uuid.uuid4().hex[:8]}",
                              host="127.0.0.1", timeout_s=30.0, **extra)
 
 
@@ -238,6 +242,19 @@ def test_with_mesh_sharding(config: ww.TransferConfig, server: Any) -> None:
     assert_bit_exact(update.params, params)
 
 
+def shared_segments() -> int:
+    """Shared staging segments this process has open (memfds: nothing is ever left in /dev/shm)."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if "weightwire-staging" in _readlink(fd))
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return str(path.readlink())
+    except OSError:  # closed between listing and reading
+        return ""
+
+
 def test_cleanup(config: ww.TransferConfig, ray_cluster: Any, tmp_path: Path) -> None:
     """After close: no listening port, no thread, no coordinator actor, no temp file is left."""
     from weightwire import net
@@ -246,16 +263,20 @@ def test_cleanup(config: ww.TransferConfig, ray_cluster: Any, tmp_path: Path) ->
     temp_before = set(Path("/tmp").glob("tmp*.safetensors"))
     server, client = ww.create_server(config), ww.create_client(config)
     publish(server, 1, make_params(1))
-    client.receive_weights(None)
-    ports = [getattr(x, "address", "") for x in (server, client) if config.mode.value == "jax"]
+    update = client.receive_weights(None)
+    ports = [x.address for x in (server, client) if config.mode.value in ("jax", "native") and hasattr(x, "address")]
+    if config.mode.value == "native":
+        assert shared_segments() == 1  # the served version
     client.close()
     server.close()
+    del update
     gc.collect()
     for address in ports:
         with pytest.raises(ConnectionRefusedError):
             net.probe(address, 5.0)
     assert {t.ident for t in threading.enumerate()} <= threads_before
     assert set(Path("/tmp").glob("tmp*.safetensors")) <= temp_before
+    assert shared_segments() == 0
     deadline = time.monotonic() + 20
     while config.coordinator_name in {a["name"] for a in ray_cluster.util.list_named_actors(all_namespaces=True)}:
         assert time.monotonic() < deadline, "the coordinator outlived its last user"

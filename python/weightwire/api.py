@@ -53,7 +53,7 @@ def _mode_classes(mode: TransferMode) -> tuple[Any, Any]:
     elif mode is TransferMode.CHECKPOINT:
         from weightwire import checkpoint_mode as module  # type: ignore[no-redef]
     else:
-        raise NotImplementedError(f"mode {mode.value!r} is not implemented yet")
+        from weightwire import native_mode as module  # type: ignore[no-redef]
     return module.Server, module.Client
 
 

@@ -38,6 +38,12 @@ class TransferConfig:
     # mode="checkpoint": a local path or any fsspec URL (memory://, gs://, s3://, ...).
     checkpoint_dir: str | None = None
     max_checkpoints: int = 3
+    # mode="native": TCP streams per transfer (the client's choice), bytes per frame (the
+    # server's), and whether a client on the server's host reads through shared memory instead
+    # of TCP (False forces TCP).
+    native_streams: int = 2
+    native_chunk_bytes: int = 4 << 20
+    native_shared_memory: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -55,5 +61,9 @@ class TransferConfig:
         int_arg(self.transfer_size, "transfer_size", minimum=1 << 10)
         int_arg(self.max_parallel_copies, "max_parallel_copies", minimum=2)
         int_arg(self.max_checkpoints, "max_checkpoints", minimum=1)
+        int_arg(self.native_streams, "native_streams", minimum=1, maximum=64)
+        int_arg(self.native_chunk_bytes, "native_chunk_bytes", minimum=4096, maximum=1 << 30)
+        if not isinstance(self.native_shared_memory, bool):
+            raise TypeError(f"native_shared_memory must be a bool, got {self.native_shared_memory!r}")
         if self.mode is TransferMode.CHECKPOINT and not self.checkpoint_dir:
             raise ValueError("mode='checkpoint' needs checkpoint_dir (a local path or an fsspec URL)")
