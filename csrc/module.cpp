@@ -204,33 +204,32 @@ void bind_transport(py::module_& m) {
         },
         "plan"_a, "dst"_a, "leaf"_a, "src"_a, "threads"_a = 0);
     m.def(
-        "copy_verified",
-        [](py::handle plan_obj, py::handle dst, py::handle src, long long threads) {
+        "read_verified",
+        [](int fd, py::handle plan_obj, py::handle dst, long long threads) {
             const ww::ChunkPlan& plan = plan_of(plan_obj);
             HeldBuffer out(dst, PyBUF_SIMPLE | PyBUF_WRITABLE, "dst");
-            HeldBuffer in(src, PyBUF_SIMPLE, "src");
             require_size(out, plan.total_bytes(), "dst");
-            require_size(in, plan.total_bytes(), "src");
             const unsigned n = thread_count(threads);
-            // Safe without the GIL: both buffers stay exported until this returns.
+            // Safe without the GIL: the buffer stays exported and the plan is read-only.
             py::gil_scoped_release nogil;
-            ww::copy_verified(out.data(), in.data(), plan, n);
+            ww::read_verified(fd, out.data(), plan, n);
         },
-        "plan"_a, "dst"_a, "src"_a, "threads"_a = 0);
+        "fd"_a, "plan"_a, "dst"_a, "threads"_a = 0);
     m.def(
         "send_stripe",
         [](int fd, py::handle plan_obj, py::handle src, unsigned stream, unsigned streams, std::uint64_t epoch,
-           std::uint64_t weight_id, double timeout_s, long long corrupt_chunk, long long cut_after_bytes) {
+           std::uint64_t weight_id, double timeout_s, long long corrupt_chunk, long long cut_after_bytes,
+           long long stall_after_bytes) {
             const ww::ChunkPlan& plan = plan_of(plan_obj);
             HeldBuffer in(src, PyBUF_SIMPLE, "src");
             require_size(in, plan.total_bytes(), "src");
             // Safe without the GIL: the buffer stays exported and the plan is read-only once staged.
             py::gil_scoped_release nogil;
             ww::send_stripe(fd, in.data(), plan, stream, streams, ww::FrameTag{epoch, weight_id}, timeout_s,
-                            ww::SendFaults{corrupt_chunk, cut_after_bytes}, kInterrupt);
+                            ww::SendFaults{corrupt_chunk, cut_after_bytes, stall_after_bytes}, kInterrupt);
         },
         "fd"_a, "plan"_a, "src"_a, "stream"_a, "streams"_a, "epoch_tag"_a, "weight_id"_a, "timeout_s"_a,
-        py::kw_only(), "corrupt_chunk"_a = -1, "cut_after_bytes"_a = -1);
+        py::kw_only(), "corrupt_chunk"_a = -1, "cut_after_bytes"_a = -1, "stall_after_bytes"_a = -1);
     m.def(
         "recv_stripe",
         [](int fd, py::handle plan_obj, py::handle dst, unsigned stream, unsigned streams, std::uint64_t epoch,

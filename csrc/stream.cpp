@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -156,12 +157,24 @@ void send_stripe(int fd, const char* base, const ChunkPlan& plan, unsigned strea
         std::vector<iovec> iov{{header, kFrameHeaderSize}, {const_cast<char*>(payload), chunk.length}};
         const std::uint64_t frame = kFrameHeaderSize + chunk.length;
         const bool cut = faults.cut_after_bytes >= 0 && sent + frame > static_cast<std::uint64_t>(faults.cut_after_bytes);
-        if (cut) truncate(iov, static_cast<std::size_t>(static_cast<std::uint64_t>(faults.cut_after_bytes) - sent));
+        const bool stall =
+            faults.stall_after_bytes >= 0 && sent + frame > static_cast<std::uint64_t>(faults.stall_after_bytes);
+        if (cut || stall) {
+            const auto limit = static_cast<std::uint64_t>(cut ? faults.cut_after_bytes : faults.stall_after_bytes);
+            truncate(iov, static_cast<std::size_t>(limit - sent));
+        }
         const std::string what = "sending " + chunk_text(chunk);
         send_all(fd, iov, deadline, interrupt, what);
         if (cut) {
             ::shutdown(fd, SHUT_RDWR);
             throw OsError(ECONNABORTED, what + ": connection cut by a test hook");
+        }
+        if (stall) {
+            // Readable here means the peer closed or the socket was shut down.
+            if (wait_ready(fd, POLLIN | POLLRDHUP, deadline, interrupt)) {
+                throw OsError(ECONNABORTED, what + ": stalled by a test hook, then closed");
+            }
+            throw OsError(ETIMEDOUT, what + ": stalled by a test hook until the deadline");
         }
         sent += frame;
     }
@@ -205,14 +218,30 @@ void stage_leaf(char* base, const char* src, ChunkPlan& plan, std::uint32_t leaf
     });
 }
 
-void copy_verified(char* dst, const char* src, const ChunkPlan& plan, unsigned threads) {
+void read_verified(int fd, char* dst, const ChunkPlan& plan, unsigned threads) {
     const auto& chunks = plan.chunks();
     std::vector<std::uint32_t> got(chunks.size());
+    std::vector<int> errors(chunks.size(), 0);  // errno per chunk; -1: the segment ended early
     parallel_for(0, chunks.size(), plan.total_bytes(), threads, [&](std::size_t i) {
         const Chunk& c = chunks[i];
-        got[i] = copy_with_crc(dst + c.buffer_offset, src + c.buffer_offset, c.length);
+        std::uint32_t crc = 0;
+        for (std::uint64_t at = 0; at < c.length;) {
+            const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(kPiece, c.length - at));
+            char* out = dst + c.buffer_offset + at;
+            const ssize_t n = ::pread(fd, out, want, static_cast<off_t>(c.buffer_offset + at));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                errors[i] = n < 0 ? errno : -1;
+                return;
+            }
+            crc = crc32c(out, static_cast<std::size_t>(n), crc);  // while the bytes are still in cache
+            at += static_cast<std::uint64_t>(n);
+        }
+        got[i] = crc;
     });
     for (std::size_t i = 0; i < chunks.size(); ++i) {
+        if (errors[i] > 0) throw_os_error(errors[i], "reading " + chunk_text(chunks[i]) + " from shared memory");
+        if (errors[i] < 0) throw IntegrityFailure("the shared segment ends inside " + chunk_text(chunks[i]));
         if (got[i] != chunks[i].crc) {
             throw IntegrityFailure("checksum mismatch in " + chunk_text(chunks[i]) + ": read CRC32C " +
                                    std::to_string(got[i]) + ", published " + std::to_string(chunks[i].crc));

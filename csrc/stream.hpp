@@ -1,5 +1,5 @@
 // The native transport's data path: one stream's share of a version, sent from or received into
-// a staging buffer, plus the checksummed copies that stage a version and read it from shared
+// a staging buffer, plus the checksummed copies that stage a version and read it back from shared
 // memory. Every call has a deadline; checksums are verified before a call returns.
 #pragma once
 
@@ -15,6 +15,7 @@ namespace ww {
 struct SendFaults {
     long long corrupt_chunk = -1;    // flip one payload byte of this chunk index (header left intact)
     long long cut_after_bytes = -1;  // shut the connection down after sending this many bytes
+    long long stall_after_bytes = -1;  // stop sending after this many bytes until the deadline (or the peer closes)
 };
 
 // Sends stream `stream` of `streams` of `plan` from `base` (plan.total_bytes() bytes) on a
@@ -32,8 +33,9 @@ void recv_stripe(int fd, char* base, const ChunkPlan& plan, unsigned stream, uns
 // in `plan`; uses up to `threads` threads.
 void stage_leaf(char* base, const char* src, ChunkPlan& plan, std::uint32_t leaf, unsigned threads);
 
-// Copies a whole staged version from `src` to `dst` (both plan.total_bytes() long), verifying
-// every chunk's CRC32C as it goes; throws IntegrityFailure naming the first bad chunk.
-void copy_verified(char* dst, const char* src, const ChunkPlan& plan, unsigned threads);
+// Reads a whole staged version from the file `fd` (a shared segment laid out by `plan`) into
+// `dst` (plan.total_bytes() long), verifying every chunk's CRC32C as it goes; throws
+// IntegrityFailure naming the first bad chunk. pread, unlike a mapping, costs no page faults.
+void read_verified(int fd, char* dst, const ChunkPlan& plan, unsigned threads);
 
 }  // namespace ww

@@ -44,15 +44,24 @@ ChunkPlan::ChunkPlan(const std::vector<std::uint64_t>& leaf_nbytes, std::uint64_
                                     std::to_string(kMaxChunkBytes) + ", got " + std::to_string(chunk_bytes));
     }
     if (leaf_nbytes.size() > UINT32_MAX) throw std::invalid_argument("too many leaves");
-    // 2^62 bytes leaves headroom for the rounding below without overflow.
-    constexpr std::uint64_t kMaxTotal = std::uint64_t{1} << 62;
+    // Sizes are checked and chunks counted before anything is allocated, so absurd sizes are a
+    // ValueError, not an allocation the machine cannot make.
+    constexpr std::uint64_t kMaxTotal = std::uint64_t{1} << 62;  // headroom for the rounding
+    std::uint64_t offset = 0, count = 0;
+    for (const std::uint64_t n : leaf_nbytes) {
+        if (n > kMaxTotal || offset > kMaxTotal - n) throw std::invalid_argument("leaf sizes add up to more than 2^62 bytes");
+        offset = round_up(offset + n, kLeafAlignment);
+        count += (n + chunk_bytes - 1) / chunk_bytes;
+    }
+    if (count > kMaxChunks) {
+        throw std::invalid_argument(std::to_string(count) + " chunks exceed the limit of " + std::to_string(kMaxChunks) +
+                                    "; use larger chunks");
+    }
     leaf_offsets_.reserve(leaf_nbytes.size());
-    std::uint64_t offset = 0;
+    chunks_.reserve(count);
+    offset = 0;
     for (std::size_t leaf = 0; leaf < leaf_nbytes.size(); ++leaf) {
         const std::uint64_t n = leaf_nbytes[leaf];
-        if (n > kMaxTotal || offset > kMaxTotal - n) {
-            throw std::invalid_argument("leaf sizes add up to more than 2^62 bytes");
-        }
         leaf_offsets_.push_back(offset);
         for (std::uint64_t at = 0; at < n; at += chunk_bytes) {
             const std::uint64_t len = n - at < chunk_bytes ? n - at : chunk_bytes;

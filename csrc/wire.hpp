@@ -16,6 +16,7 @@ constexpr std::size_t kFrameHeaderSize = 48;
 constexpr std::uint64_t kLeafAlignment = 4096;
 constexpr std::uint64_t kMinChunkBytes = 4096;
 constexpr std::uint64_t kMaxChunkBytes = std::uint64_t{1} << 30;  // lengths travel as u32
+constexpr std::uint64_t kMaxChunks = std::uint64_t{1} << 22;       // bounds a plan's own memory
 
 struct Chunk {
     std::uint32_t leaf = 0;

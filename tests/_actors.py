@@ -37,6 +37,16 @@ class Trainer:
     def epoch(self) -> str:
         return self.server.epoch
 
+    def set_faults(self, **faults: int) -> None:
+        """mode="native" only: make the server misbehave on purpose (native_mode.SendFaults)."""
+        from weightwire.native_mode import SendFaults
+
+        self.server.faults = SendFaults(**faults)
+
+    def sending(self) -> int:
+        """mode="native" only: streams being sent right now."""
+        return self.server._sending
+
     def close(self) -> None:
         self.server.close()
 

@@ -27,6 +27,7 @@ FULL_SIZES_MIB = (16, 64, 256, 1024)
 QUICK_SIZES_MIB = (16, 64)
 LEAVES = 8
 REFERENCE = "raw TCP"
+MODES = ("jax", "ray", "checkpoint", "native", "native-tcp")
 
 
 @dataclass
@@ -238,6 +239,16 @@ def _measure(path: str, size_mib: int, repeats: int, once: Any, expected: Any) -
     return Measurement(path, size_mib, seconds[1:])
 
 
+def mode_config(mode: str, coordinator_name: str, directory: str) -> Any:
+    """The config of a benchmarked mode; "native-tcp" is native with shared memory switched off."""
+    import weightwire as ww
+
+    return ww.TransferConfig(mode="native" if mode == "native-tcp" else mode, coordinator_name=coordinator_name,
+                             host="127.0.0.1", timeout_s=300.0,
+                             checkpoint_dir=directory if mode == "checkpoint" else None,
+                             native_shared_memory=mode != "native-tcp")
+
+
 def _run_size(ray: Any, sender: Any, receiver: Any, size: int, repeats: int, modes: list[str],
               base: Any) -> list[Measurement]:
     """Every path at one size; the closures below run before this returns."""
@@ -289,9 +300,7 @@ def _run_size(ray: Any, sender: Any, receiver: Any, size: int, repeats: int, mod
 
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="weightwire-bench-") as directory:
-            config = ww.TransferConfig(mode=mode, coordinator_name=f"{base.coordinator_name}-{mode}-{size}",
-                                       host="127.0.0.1", timeout_s=300.0,
-                                       checkpoint_dir=directory if mode == "checkpoint" else None)
+            config = mode_config(mode, f"{base.coordinator_name}-{mode}-{size}", directory)
             ray.get([sender.start_mode.remote(config), receiver.start_mode.remote(config)])
             results.append(_measure(f"weightwire mode={mode}", size, repeats, receive_mode, lambda: crcs[-1]))
             ray.get([receiver.close.remote(), sender.close.remote()])
@@ -360,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(
         QUICK_SIZES_MIB if args.quick else FULL_SIZES_MIB)
     repeats = args.repeats or (3 if args.quick else 5)
-    modes = args.modes.split(",") if args.modes else ["jax", "ray", "checkpoint"]
+    modes = args.modes.split(",") if args.modes else list(MODES)
     if args.address:
         ray.init(address=args.address, include_dashboard=False, configure_logging=False)
     else:
@@ -384,7 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="16 and 64 MiB, 3 repeats (about a minute)")
     parser.add_argument("--sizes", help="comma-separated sizes in MiB (default 16,64,256,1024)")
     parser.add_argument("--repeats", type=int, default=0, help="measured repeats per path and size")
-    parser.add_argument("--modes", help="comma-separated weightwire modes (default jax,ray,checkpoint)")
+    parser.add_argument("--modes", help=f"comma-separated weightwire modes (default {','.join(MODES)}; "
+                        "native-tcp is native with the shared-memory path off)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--plot", help="also draw GB/s against size into this PNG (needs matplotlib)")
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")

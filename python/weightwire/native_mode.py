@@ -23,7 +23,6 @@ import dataclasses
 import errno
 import logging
 import math
-import mmap
 import os
 import socket
 import threading
@@ -34,7 +33,7 @@ import numpy as np
 
 from weightwire import _native, handshake, net
 from weightwire.config import TransferConfig
-from weightwire.errors import IntegrityError, StagingExhaustedError, TransferTimeoutError, WeightTransferError
+from weightwire.errors import StagingExhaustedError, TransferTimeoutError, WeightTransferError
 from weightwire.handshake import Kind, Request, Status
 from weightwire.manifest import Manifest, _dtype
 from weightwire.staging import HostBuffer, StagingPool
@@ -68,6 +67,7 @@ class SendFaults:
 
     corrupt_chunk: int = -1
     cut_after_bytes: int = -1
+    stall_after_bytes: int = -1
 
 
 @dataclass(frozen=True)
@@ -107,18 +107,21 @@ class Server(BaseServer):
         self._listener = net.bind(host)
         self._secret = handshake.new_secret()
         self._shm_listener: socket.socket | None = None
+        self._shm_name: str | None = None
         self._stop = threading.Event()
         self._version: _Version | None = None
         self._conn_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         self.faults = SendFaults()
+        self._sending = 0  # streams being sent now
         try:
             if config.native_shared_memory:
                 self._shm_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._shm_listener.bind(f"\0weightwire-{handshake.new_secret().hex()[:32]}")
                 self._shm_listener.listen(64)
                 self._shm_listener.settimeout(_ACCEPT_POLL_S)
+                self._shm_name = self._shm_listener.getsockname()
             super().__init__(config, net.advertise(self._listener.address))
         except BaseException:
             self._close_listeners()
@@ -145,8 +148,7 @@ class Server(BaseServer):
         with self._lock:
             self._version = _Version(manifest.epoch, manifest.weight_id, plan, buffer)  # the old one: dropped
         self._metrics.bytes_offered += manifest.nbytes
-        shm_name = self._shm_listener.getsockname() if self._shm_listener is not None else None
-        location = NativeLocation(self.address, shm_name, host_id(), plan.chunk_bytes, tuple(plan.crcs),
+        location = NativeLocation(self.address, self._shm_name, host_id(), plan.chunk_bytes, tuple(plan.crcs),
                                   self._secret)
         return dataclasses.replace(manifest, location=location)
 
@@ -174,6 +176,8 @@ class Server(BaseServer):
                 if self._stop.is_set():
                     return
                 logger.warning("native server %s: accept failed: %s", self.address, exc)
+                if exc.errno in (errno.EBADF, errno.EINVAL):  # that listener is gone for good
+                    return
                 self._stop.wait(_ACCEPT_POLL_S)
                 continue
             if conn is None:
@@ -189,9 +193,9 @@ class Server(BaseServer):
 
     def _handle(self, conn: socket.socket) -> None:
         peer = "a unix socket peer" if conn.family == socket.AF_UNIX else net.format_address(*conn.getpeername()[:2])
+        side = handshake.ServerSide(conn, self._secret)
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            side = handshake.ServerSide(conn, self._secret)
             request = side.authenticate()
             with self._lock:
                 version = self._version
@@ -207,17 +211,22 @@ class Server(BaseServer):
                 socket.send_fds(conn, [side.reply(Status.OK)], [version.buffer.fileno()])
             else:
                 conn.sendall(side.reply(Status.OK))
-                faults = self.faults
-                _native.send_stripe(conn.fileno(), version.plan, version.buffer, request.stream, request.streams,
-                                    epoch_tag(version.epoch), version.weight_id, self._config.timeout_s,
-                                    corrupt_chunk=faults.corrupt_chunk, cut_after_bytes=faults.cut_after_bytes)
+                with self._lock:
+                    self._sending += 1
+                try:
+                    _native.send_stripe(conn.fileno(), version.plan, version.buffer, request.stream, request.streams,
+                                        epoch_tag(version.epoch), version.weight_id, self._config.timeout_s,
+                                        **dataclasses.asdict(self.faults))
+                finally:
+                    with self._lock:
+                        self._sending -= 1
             if request.stream == 0:
                 with self._lock:
                     self._metrics.offers += 1
-        except handshake.HandshakeError as exc:
-            logger.warning("native server %s: dropped a connection from %s: %s", self.address, peer, exc)
-        except OSError as exc:  # the peer went away, or close() cut the connection
-            if not self._stop.is_set():
+        except (handshake.HandshakeError, OSError) as exc:  # a bad peer, one that went away, or close()
+            if side.request is None:
+                logger.warning("native server %s: dropped a connection from %s: %s", self.address, peer, exc)
+            elif not self._stop.is_set():
                 logger.info("native server %s: connection from %s ended early: %s", self.address, peer, exc)
         except Exception:  # noqa: BLE001 - one bad connection must never stop the server
             logger.exception("native server %s: serving %s failed", self.address, peer)
@@ -326,12 +335,10 @@ class Client(BaseClient):
                 return False
             if len(fds) != 1:
                 raise WeightTransferError(f"native server {location.address} sent {len(fds)} descriptors, expected 1")
-            if os.fstat(fds[0]).st_size < plan.total_bytes:
-                raise IntegrityError(f"weight_id {manifest.weight_id}: the shared segment from {location.address} "
-                                     f"is smaller than the {plan.total_bytes} bytes published")
-            if plan.total_bytes:
-                with mmap.mmap(fds[0], plan.total_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as segment:
-                    _native.copy_verified(plan, buffer, segment)
+            try:
+                _native.read_verified(fds[0], plan, buffer)
+            except OSError as exc:
+                raise _transfer_error(exc, location, manifest) from None
             return True
         finally:
             for fd in fds:
