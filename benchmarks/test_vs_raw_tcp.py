@@ -40,7 +40,7 @@ def test_raw_tcp_reference(benchmark: Any, actors: Any) -> None:
     expected = bench.crc(bench.payload(NBYTES))
 
     def listen() -> tuple[tuple[str, Any], dict[str, Any]]:
-        address = ray.get(receiver.listen_tcp.remote(), timeout=60)
+        address = ray.get(receiver.listen_tcp.remote(NBYTES), timeout=60)
         return (address, receiver.receive_tcp.remote(NBYTES)), {}
 
     def send(address: str, pending: Any) -> None:

@@ -24,6 +24,16 @@ def matches(params: Any, weight_id: int, size: int) -> bool:
                for g, e in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True))
 
 
+def resources() -> dict[str, int]:
+    """This process's resident memory, open file descriptors and OS threads (native ones too)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {"rss_mib": rss_pages * os.sysconf("SC_PAGE_SIZE") >> 20, "fds": len(os.listdir("/proc/self/fd")),
+            "threads": len(os.listdir("/proc/self/task"))}
+
+
 @ray.remote(num_cpus=0)
 class Trainer:
     def __init__(self, config: Any) -> None:
@@ -36,6 +46,9 @@ class Trainer:
 
     def epoch(self) -> str:
         return self.server.epoch
+
+    def resources(self) -> dict[str, int]:
+        return resources()
 
     def set_faults(self, **faults: int) -> None:
         """mode="native" only: make the server misbehave on purpose (native_mode.SendFaults)."""
@@ -60,6 +73,9 @@ class Rollout:
 
     def client_id(self) -> str:
         return self.client.client_id
+
+    def resources(self) -> dict[str, int]:
+        return resources()
 
     def receive(self, size: int, *, wait: bool, timeout_s: float) -> tuple[int, bool] | None:
         """(weight_id, bit-exact?) of what arrived, or None; errors come back as (type, message)."""

@@ -319,7 +319,7 @@ class Client(BaseClient):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(min(remaining(deadline), HANDSHAKE_TIMEOUT_S))
             try:
-                sock.connect(location.shared_memory_socket)
+                sock.connect(location.shared_memory_socket or "")
             except (ConnectionRefusedError, FileNotFoundError) as exc:
                 logger.info("native client: no shared-memory path to %s (%s); using TCP", location.address, exc)
                 self._shm_failed = True
@@ -400,7 +400,7 @@ def _leaf_view(buffer: HostBuffer, offset: int, spec: Any) -> np.ndarray:
     count = math.prod(spec.shape)
     if count == 0:
         return np.empty(spec.shape, dtype)
-    return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(spec.shape)
+    return np.frombuffer(memoryview(buffer), dtype=dtype, count=count, offset=offset).reshape(spec.shape)
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
