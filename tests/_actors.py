@@ -50,6 +50,9 @@ class Trainer:
     def resources(self) -> dict[str, int]:
         return resources()
 
+    def flush(self) -> None:
+        self.server.flush(60.0)
+
     def set_faults(self, **faults: int) -> None:
         """mode="native" only: make the server misbehave on purpose (native_mode.SendFaults)."""
         from weightwire.native_mode import SendFaults

@@ -70,6 +70,8 @@ def shutdown_coordinator(config: TransferConfig) -> bool:
     Servers and clients still attached fail with CoordinatorError on their next call."""
     from weightwire._ray import ensure_ray
 
+    if not isinstance(config, TransferConfig):
+        raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
     ray = ensure_ray(config)
     try:
         actor = ray.get_actor(config.coordinator_name, namespace=config.ray_namespace)

@@ -25,7 +25,7 @@ import numpy as np
 
 from weightwire import _native
 from weightwire.config import TransferConfig
-from weightwire.errors import IntegrityError, TransferTimeoutError, WeightTransferError
+from weightwire.errors import CoordinatorError, IntegrityError, TransferTimeoutError, WeightTransferError
 from weightwire.manifest import Manifest
 from weightwire.transfer import BaseClient, BaseServer, remaining
 
@@ -78,7 +78,8 @@ class Server(BaseServer):
         super().__init__(config, config.checkpoint_dir)
         self._pending: tuple[Manifest, list[Any]] | None = None
         self._writing = False
-        self._write_error: str | None = None  # the last failed write, reported by flush()
+        # The last failed write, reported by flush(): (weight_id, what went wrong).
+        self._write_error: tuple[int, Exception] | None = None
         self._wake = threading.Condition()
         self._writer = threading.Thread(target=self._write_loop, name=f"weightwire-ckpt-{self.epoch[:8]}",
                                         daemon=True)
@@ -126,7 +127,7 @@ class Server(BaseServer):
             except Exception as exc:  # noqa: BLE001 - a failed write must not stop later ones
                 logger.exception("writing checkpoint of weight_id %d under %s failed", manifest.weight_id,
                                  self._config.checkpoint_dir)
-                self._write_error = f"weight_id {manifest.weight_id}: {type(exc).__name__}: {exc}"
+                self._write_error = (manifest.weight_id, exc)
             finally:
                 with self._wake:
                     self._writing = False
@@ -181,8 +182,11 @@ class Server(BaseServer):
                                                f"finish within {timeout:g} s")
                 self._wake.wait(left)
             if self._write_error is not None:
-                raise WeightTransferError(f"writing a checkpoint under {self._config.checkpoint_dir} failed: "
-                                          f"{self._write_error}")
+                weight_id, exc = self._write_error
+                # A dead coordinator keeps its own error class, so callers can tell it from a disk problem.
+                error = CoordinatorError if isinstance(exc, CoordinatorError) else WeightTransferError
+                raise error(f"writing the checkpoint of weight_id {weight_id} under {self._config.checkpoint_dir} "
+                            f"failed: {type(exc).__name__}: {exc}")
 
     def _shutdown(self) -> None:
         with self._wake:

@@ -26,6 +26,9 @@ from weightwire.manifest import (
 
 logger = logging.getLogger(__name__)
 
+# Ids travel as signed 64-bit integers (frame headers, Ray, JSON manifests).
+MAX_WEIGHT_ID = (1 << 63) - 1
+
 
 class BaseServer:
     """The trainer side: ids only grow within this server's epoch; each version is staged by the
@@ -63,7 +66,7 @@ class BaseServer:
         """Publishes `params` as `weight_id`. Returns False (logged) when weight_id is not above
         the last one served: ids only grow within an epoch, and the older one is ignored."""
 
-        int_arg(weight_id, "weight_id", minimum=0)
+        int_arg(weight_id, "weight_id", minimum=0, maximum=MAX_WEIGHT_ID)
         with self._serve_lock:
             if self._closed:
                 raise WeightTransferError(f"server {self.address} is closed")
@@ -236,6 +239,8 @@ class BaseClient:
         """
         if self._closed:
             raise WeightTransferError(f"client {self.client_id} is closed")
+        if not isinstance(wait, bool):
+            raise TypeError(f"wait must be a bool, got {type(wait).__name__}")
         timeout = self._config.timeout_s if timeout_s is None else seconds_arg(timeout_s, "timeout_s")
         deadline = time.monotonic() + timeout
         refused: tuple[str, int] | None = None  # a version the trainer would not serve
