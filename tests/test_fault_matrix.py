@@ -8,9 +8,9 @@ Processes that die are Ray actors; every test bounds its runtime.
 | server killed mid-transfer | ✓ | ✓ | ✓ | ✓ | here (native: also test_native_mode) |
 | coordinator actor killed | ✓ | ✓ | ✓ | ✓ | here |
 | trainer restarted with lower ids | ✓ | ✓ | ✓ | ✓ | test_modes (restarted trainer), test_jax_multiprocess |
-| slow client (stalled reads) | – | ✓ | – | – | here; jax, ray and checkpoint send nothing per client from weightwire code |
+| slow client (stalled reads) | – | ✓ | – | – | here; only native sends per client in weightwire code |
 | connection cut mid-transfer | – | ✓ | – | – | test_native_mode, test_wire (jax/ray own their connections) |
-| corrupted byte | – | ✓ | – | ✓ | test_native_mode, test_wire, test_checkpoint_mode (jax/ray carry no checksum of ours) |
+| corrupted byte | – | ✓ | – | ✓ | test_native_mode, test_wire, test_checkpoint_mode (jax, ray: no checksum) |
 """
 
 from __future__ import annotations
