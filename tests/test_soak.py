@@ -1,8 +1,7 @@
 """Soak: 200 consecutive updates to 3 clients in the modes that hold connections and threads of
 their own (native over shared memory and over TCP, jax). Each process's resident memory, open
-descriptors and OS threads must stay
-flat after warm-up (the growth is printed), every version must arrive exact, and nothing may be
-left in /dev/shm or /tmp afterwards."""
+descriptors and OS threads must stay flat after warm-up (the growth is printed), every version
+must arrive exact, and nothing may be left in /dev/shm or /tmp afterwards."""
 
 from __future__ import annotations
 
