@@ -11,9 +11,10 @@ from _support import run_python
 from weightwire import _native
 
 SCRIPT = r'''
-import itertools, sys
+import itertools, socket, sys
 import numpy as np
 from weightwire import _native as n
+from weightwire.errors import IntegrityError
 
 GARBAGE = [None, "", "x" * 5000, "127.0.0.1\x00", "::1", "[::1]", "\udcff", b"\x00", -1, 0, 1,
            2**31, 2**63, 2**64, -2**63, 1.5, -0.0, float("nan"), float("inf"), float("-inf"),
@@ -23,11 +24,24 @@ EXPENSIVE = (2**31, 2**63, 2**64)
 
 # What garbage may raise: anything else (RuntimeError, SystemError, ...) means a path we did not
 # think through, and fails the test.
-EXPECTED = (TypeError, ValueError, OverflowError, OSError, MemoryError, BufferError)
+EXPECTED = (TypeError, ValueError, OverflowError, OSError, MemoryError, BufferError, IntegrityError)
 
 listener = n.Listener("127.0.0.1", 0, 4)
 buf = n.HostBuffer(4096)
+plan = n.ChunkPlan([100, 5000], 4096)
+shared = n.HostBuffer(plan.total_bytes, shared=True)
+n.stage_leaf(plan, shared, 0, bytes(100))
+n.stage_leaf(plan, shared, 1, bytes(5000))
+sender, receiver = socket.socketpair()
+header = n.encode_frame_header(plan, 0, 7, 1)
 valid = {
+    "ChunkPlan": ([100, 5000], 4096),
+    "stage_leaf": (plan, bytearray(plan.total_bytes), 1, bytes(5000), 1),
+    "read_verified": (shared.fileno(), plan, bytearray(plan.total_bytes), 1),
+    "send_stripe": (sender.fileno(), plan, shared, 0, 1, 7, 1, 1.0),
+    "recv_stripe": (receiver.fileno(), plan, bytearray(plan.total_bytes), 0, 1, 7, 1, 0.01),
+    "encode_frame_header": (plan, 0, 7, 1),
+    "check_frame_header": (plan, 0, header, 7, 1),
     "format_endpoint": ("127.0.0.1", 80),
     "connect_tcp": ("127.0.0.1", 1, 0.5),
     "route_source": ("127.0.0.1",),
@@ -42,7 +56,7 @@ for name, args in valid.items():
     target = listener.accept if name == "Listener.accept" else getattr(n, name)
     for position, value in itertools.product(range(len(args)), GARBAGE):
         expensive = type(value) is int and value in EXPENSIVE
-        waits = name in ("connect_tcp", "Listener.accept") and position == len(args) - 1
+        waits = name in ("connect_tcp", "Listener.accept", "send_stripe", "recv_stripe") and position == len(args) - 1
         if expensive and (name == "HostBuffer" or waits):
             continue
         trial = list(args)
@@ -85,7 +99,8 @@ for op in (lambda: memoryview(buf), lambda: buf.address, lambda: listener.accept
         raise SystemExit("a closed object allowed a use")
 # Instances made with __new__ and never initialised (pybind/pybind11#6153): every use must raise.
 for cls, uses in ((n.Listener, ("close", "fileno", "port", "host", "family", "closed")),
-                  (n.HostBuffer, ("close", "nbytes", "address", "exports", "pinned", "__len__", "__repr__"))):
+                  (n.HostBuffer, ("close", "nbytes", "address", "exports", "pinned", "__len__", "__repr__", "fileno")),
+                  (n.ChunkPlan, ("total_bytes", "chunk_bytes", "leaf_offsets", "num_chunks", "crcs"))):
     raw = cls.__new__(cls)
     for use in uses:
         try:
@@ -96,7 +111,8 @@ for cls, uses in ((n.Listener, ("close", "fileno", "port", "host", "family", "cl
         else:
             raise SystemExit(f"{cls.__name__}.__new__ instance allowed {use}")
     for op in (lambda: memoryview(raw), lambda: n.copy_into(raw, 0, b"x", 1),
-               lambda: n.copy_into(bytearray(4), 0, raw, 1)):
+               lambda: n.copy_into(bytearray(4), 0, raw, 1),
+               lambda: n.encode_frame_header(raw, 0, 7, 1), lambda: n.recv_stripe(-1, raw, bytearray(8), 0, 1, 7, 1, 0.01)):
         try:
             op()
         except TypeError:
@@ -108,6 +124,8 @@ try:
     raw_listener.accept(0.01)
 except TypeError:
     calls += 1
+sender.close()
+receiver.close()
 print("survived", calls)
 '''
 

@@ -22,7 +22,7 @@ from weightwire import _native
 
 logger = logging.getLogger(__name__)
 
-ALL_MODES = ("jax", "ray", "checkpoint")
+ALL_MODES = ("jax", "ray", "checkpoint", "native")
 # Measured on one CPU node (README): the object store's zero-copy reads beat the JAX transfer
 # server there. Between GPU hosts, mode="jax" moves device memory directly.
 FASTEST_MODE = "ray"
