@@ -398,3 +398,25 @@ def test_struct_sizes_match_the_documented_layout() -> None:
     assert HEADER == 48
     assert handshake.HELLO_SIZE == 4 + 2 + 32
     assert handshake.REQUEST_SIZE == 32 + struct.calcsize("<16sQHHB") + 32
+
+
+def test_no_pickle_on_any_path_that_reads_network_or_checkpoint_bytes() -> None:
+    """The modules that parse bytes from sockets, shared memory or checkpoint directories import no
+    deserializer that can run code, and call no loader that can (np.load with pickles, torch.load).
+    Manifests travel through Ray, the cluster's own trusted control plane."""
+    import ast
+    import inspect
+
+    from weightwire import checkpoint_mode, native_mode
+
+    unsafe_modules = {"pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
+    for module in (handshake, native_mode, checkpoint_mode):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not {a.name.split(".")[0] for a in node.names} & unsafe_modules, module.__name__
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in unsafe_modules, module.__name__
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                assert node.func.attr not in ("load", "loads") or ast.unparse(node.func) in ("json.loads", "json.load"), (
+                    f"{module.__name__}: {ast.unparse(node)}")

@@ -192,7 +192,7 @@ class Server(BaseServer):
             thread.start()
 
     def _handle(self, conn: socket.socket) -> None:
-        peer = "a unix socket peer" if conn.family == socket.AF_UNIX else net.format_address(*conn.getpeername()[:2])
+        peer = _peer_name(conn)
         side = handshake.ServerSide(conn, self._secret)
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -401,6 +401,15 @@ def _leaf_view(buffer: HostBuffer, offset: int, spec: Any) -> np.ndarray:
     if count == 0:
         return np.empty(spec.shape, dtype)
     return np.frombuffer(memoryview(buffer), dtype=dtype, count=count, offset=offset).reshape(spec.shape)
+
+
+def _peer_name(conn: socket.socket) -> str:
+    if conn.family == socket.AF_UNIX:
+        return "a same-host peer"
+    try:
+        return net.format_address(*conn.getpeername()[:2])
+    except OSError:  # already gone
+        return "a peer that left"
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
