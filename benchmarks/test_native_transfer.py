@@ -13,12 +13,10 @@ that move and check the bytes, whose overhead every path shares.
 from __future__ import annotations
 
 import tempfile
-import uuid
 from typing import Any
 
 import pytest
 
-import weightwire as ww
 from weightwire import bench
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(900)]
@@ -27,21 +25,9 @@ SIZES_MIB = [256, 1024]
 ROUNDS = {256: 7, 1024: 3}
 
 
-@pytest.fixture(scope="module")
-def actors(ray_cluster: Any) -> Any:
-    config = ww.TransferConfig(mode="jax", coordinator_name=f"native-bench-{uuid.uuid4().hex[:8]}", host="127.0.0.1",
-                               timeout_s=300.0)
-    sender_class, receiver_class = bench._actors()
-    sender, receiver = sender_class.remote(config), receiver_class.remote(config)
-    yield ray_cluster, sender, receiver, config
-    ray_cluster.get([sender.close.remote(), receiver.close.remote()], timeout=60)
-    for actor in (sender, receiver):
-        ray_cluster.kill(actor)
-
-
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
-def test_raw_tcp_reference(benchmark: Any, actors: Any, size_mib: int) -> None:
-    ray, sender, receiver, _ = actors
+def test_raw_tcp_reference(benchmark: Any, bench_actors: Any, size_mib: int) -> None:
+    ray, sender, receiver, _ = bench_actors
     benchmark.group = f"native-{size_mib}MiB"
     nbytes = size_mib << 20
     expected = bench.crc(bench.payload(nbytes))
@@ -58,8 +44,8 @@ def test_raw_tcp_reference(benchmark: Any, actors: Any, size_mib: int) -> None:
 
 
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
-def test_raw_jax_transfer_pull(benchmark: Any, actors: Any, size_mib: int) -> None:
-    ray, sender, receiver, _ = actors
+def test_raw_jax_transfer_pull(benchmark: Any, bench_actors: Any, size_mib: int) -> None:
+    ray, sender, receiver, _ = bench_actors
     benchmark.group = f"native-{size_mib}MiB"
     expected = bench.tree_crc(bench.tree_of(size_mib << 20, 0))
 
@@ -73,9 +59,9 @@ def test_raw_jax_transfer_pull(benchmark: Any, actors: Any, size_mib: int) -> No
 
 
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
-def test_arrow_flight_do_get(benchmark: Any, actors: Any, size_mib: int) -> None:
+def test_arrow_flight_do_get(benchmark: Any, bench_actors: Any, size_mib: int) -> None:
     pytest.importorskip("pyarrow.flight")
-    ray, sender, receiver, _ = actors
+    ray, sender, receiver, _ = bench_actors
     benchmark.group = f"native-{size_mib}MiB"
     nbytes = size_mib << 20
     expected = bench.crc(bench.payload(nbytes))
@@ -89,8 +75,8 @@ def test_arrow_flight_do_get(benchmark: Any, actors: Any, size_mib: int) -> None
 
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
 @pytest.mark.parametrize("path", ["native-tcp", "native"])
-def test_native_mode(benchmark: Any, actors: Any, size_mib: int, path: str) -> None:
-    ray, sender, receiver, base = actors
+def test_native_mode(benchmark: Any, bench_actors: Any, size_mib: int, path: str) -> None:
+    ray, sender, receiver, base = bench_actors
     benchmark.group = f"native-{size_mib}MiB"
     with tempfile.TemporaryDirectory() as unused:
         config = bench.mode_config(path, f"{base.coordinator_name}-{path}-{size_mib}", unused)

@@ -7,7 +7,6 @@ transfer checked bit-exact. (`python -m weightwire bench` runs the full size swe
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
@@ -22,20 +21,8 @@ NBYTES = SIZE_MIB << 20
 GROUP = f"vs-raw-tcp-{SIZE_MIB}MiB"
 
 
-@pytest.fixture(scope="module")
-def actors(ray_cluster: Any) -> Any:
-    config = ww.TransferConfig(mode="jax", coordinator_name=f"vs-tcp-{uuid.uuid4().hex[:8]}", host="127.0.0.1",
-                               timeout_s=120.0)
-    sender_class, receiver_class = bench._actors()
-    sender, receiver = sender_class.remote(config), receiver_class.remote(config)
-    yield ray_cluster, sender, receiver, config
-    ray_cluster.get([sender.close.remote(), receiver.close.remote()], timeout=60)
-    for actor in (sender, receiver):
-        ray_cluster.kill(actor)
-
-
-def test_raw_tcp_reference(benchmark: Any, actors: Any) -> None:
-    ray, sender, receiver, _ = actors
+def test_raw_tcp_reference(benchmark: Any, bench_actors: Any) -> None:
+    ray, sender, receiver, _ = bench_actors
     benchmark.group = GROUP
     expected = bench.crc(bench.payload(NBYTES))
 
@@ -50,8 +37,8 @@ def test_raw_tcp_reference(benchmark: Any, actors: Any) -> None:
     benchmark.pedantic(send, setup=listen, rounds=7, warmup_rounds=1)
 
 
-def test_raw_jax_transfer_pull(benchmark: Any, actors: Any) -> None:
-    ray, sender, receiver, _ = actors
+def test_raw_jax_transfer_pull(benchmark: Any, bench_actors: Any) -> None:
+    ray, sender, receiver, _ = bench_actors
     benchmark.group = GROUP
     expected = bench.tree_crc(bench.tree_of(NBYTES, 0))
 
@@ -65,8 +52,8 @@ def test_raw_jax_transfer_pull(benchmark: Any, actors: Any) -> None:
 
 
 @pytest.mark.parametrize("mode", ["jax", "checkpoint"])
-def test_weightwire_mode(benchmark: Any, actors: Any, mode: str, tmp_path: Any) -> None:
-    ray, sender, receiver, base = actors
+def test_weightwire_mode(benchmark: Any, bench_actors: Any, mode: str, tmp_path: Any) -> None:
+    ray, sender, receiver, base = bench_actors
     benchmark.group = GROUP
     config = ww.TransferConfig(mode=mode, coordinator_name=f"{base.coordinator_name}-{mode}", host="127.0.0.1",
                                timeout_s=120.0, checkpoint_dir=str(tmp_path) if mode == "checkpoint" else None)

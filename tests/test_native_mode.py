@@ -57,34 +57,24 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)  # polling an observable state, not synchronizing by sleeping
 
 
-def test_a_byte_corrupted_in_flight_raises_integrity_error_then_a_retry_succeeds(server: Any, client: Any) -> None:
+@pytest.mark.parametrize(("faults", "error", "match", "timeout_s", "within_s"), [
+    # A corrupted byte: IntegrityError, never the weights; retrying is fine.
+    (SendFaults(corrupt_chunk=2), ww.IntegrityError, "checksum mismatch", 20.0, 20.0),
+    # A cut connection is reported at once, not at the deadline.
+    (SendFaults(cut_after_bytes=100_000), ww.WeightTransferError, "closed the connection", 20.0, 5.0),
+    # A silent sender is given up on by the deadline (+ 2 s).
+    (SendFaults(stall_after_bytes=100_000), ww.TransferTimeoutError, "", 2.0, 4.0),
+], ids=["corrupted byte", "cut connection", "stalled sender"])
+def test_a_fault_in_flight_raises_its_typed_error_and_the_server_keeps_serving(
+        server: Any, client: Any, faults: SendFaults, error: type[Exception], match: str, timeout_s: float,
+        within_s: float) -> None:
     server.serve_weights(1, make_params(1, SIZE))
-    server.faults = SendFaults(corrupt_chunk=2)
-    with pytest.raises(ww.IntegrityError, match="checksum mismatch"):
-        client.receive_weights(None)
-    assert client.metrics().failures == 1
-    server.faults = SendFaults()
-    receive_ok(client, 1)
-
-
-def test_a_cut_connection_raises_by_itself_and_the_server_keeps_serving(server: Any, client: Any) -> None:
-    server.serve_weights(1, make_params(1, SIZE))
-    server.faults = SendFaults(cut_after_bytes=100_000)
+    server.faults = faults
     start = time.monotonic()
-    with pytest.raises(ww.WeightTransferError, match="closed the connection"):
-        client.receive_weights(None, timeout_s=20)
-    assert time.monotonic() - start < 5  # reported at once, not at the deadline
-    server.faults = SendFaults()
-    receive_ok(client, 1)
-
-
-def test_a_stalled_server_raises_transfer_timeout_by_the_deadline(server: Any, client: Any) -> None:
-    server.serve_weights(1, make_params(1, SIZE))
-    server.faults = SendFaults(stall_after_bytes=100_000)
-    start = time.monotonic()
-    with pytest.raises(ww.TransferTimeoutError):
-        client.receive_weights(None, timeout_s=2.0)
-    assert time.monotonic() - start < 2.0 + 2.0
+    with pytest.raises(error, match=match):
+        client.receive_weights(None, timeout_s=timeout_s)
+    assert time.monotonic() - start < within_s
+    assert client.metrics().failures + client.metrics().timeouts == 1
     server.faults = SendFaults()
     receive_ok(client, 1)
 

@@ -112,7 +112,8 @@ for cls, uses in ((n.Listener, ("close", "fileno", "port", "host", "family", "cl
             raise SystemExit(f"{cls.__name__}.__new__ instance allowed {use}")
     for op in (lambda: memoryview(raw), lambda: n.copy_into(raw, 0, b"x", 1),
                lambda: n.copy_into(bytearray(4), 0, raw, 1),
-               lambda: n.encode_frame_header(raw, 0, 7, 1), lambda: n.recv_stripe(-1, raw, bytearray(8), 0, 1, 7, 1, 0.01)):
+               lambda: n.encode_frame_header(raw, 0, 7, 1),
+               lambda: n.recv_stripe(-1, raw, bytearray(8), 0, 1, 7, 1, 0.01)):
         try:
             op()
         except TypeError:
