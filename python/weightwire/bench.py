@@ -159,6 +159,19 @@ def _actors() -> tuple[Any, Any]:
             self.client: Any = None
             self.transfer: Any = None
             self.connections: dict[str, Any] = {}
+            self.unchecked: Any = None  # the checksum of the last transfer, when not computed yet
+
+        def _result(self, seconds: float, checksum: Any, check: bool) -> tuple[float, int | None]:
+            """(seconds, checksum); with check=False the checksum waits for digest(), so a caller
+            timing the call times the transfer alone."""
+            if check:
+                return seconds, checksum()
+            self.unchecked = checksum
+            return seconds, None
+
+        def digest(self) -> int:
+            checksum, self.unchecked = self.unchecked, None
+            return checksum()
 
         def listen_tcp(self, nbytes: int) -> str:
             from weightwire import net
@@ -167,7 +180,7 @@ def _actors() -> tuple[Any, Any]:
             self.tcp_buffer = bytearray(nbytes)  # zero-filled, so its pages are in before the transfer
             return self.listener.address
 
-        def receive_tcp(self, nbytes: int) -> tuple[float, int]:
+        def receive_tcp(self, nbytes: int, check: bool = True) -> tuple[float, int | None]:
             buffer = self.tcp_buffer
             view = memoryview(buffer)
             with self.listener.accept(60.0) as conn:
@@ -181,9 +194,9 @@ def _actors() -> tuple[Any, Any]:
                     got += n
                 seconds = time.perf_counter() - start
             self.listener.close()
-            return seconds, crc(np.frombuffer(buffer, dtype=np.uint8))
+            return self._result(seconds, lambda: crc(np.frombuffer(buffer, dtype=np.uint8)), check)
 
-        def pull(self, address: str, pull_id: int, specs: list[Any]) -> tuple[float, int]:
+        def pull(self, address: str, pull_id: int, specs: list[Any], check: bool = True) -> tuple[float, int | None]:
             import jax
 
             from weightwire.jax_mode import _start_transfer_server
@@ -197,7 +210,7 @@ def _actors() -> tuple[Any, Any]:
                 self.connections[address] = self.transfer.connect(address)
             arrays = jax.block_until_ready(self.connections[address].pull(pull_id, specs))
             seconds = time.perf_counter() - start
-            return seconds, tree_crc(arrays)
+            return self._result(seconds, lambda: tree_crc(arrays), check)
 
         def get(self, wrapped: list[Any]) -> tuple[float, int]:
             start = time.perf_counter()
@@ -205,15 +218,19 @@ def _actors() -> tuple[Any, Any]:
             seconds = time.perf_counter() - start
             return seconds, crc(data)
 
-        def flight_get(self, location: str) -> tuple[float, int]:
+        def flight_get(self, location: str, check: bool = True) -> tuple[float, int | None]:
             import pyarrow.flight as flight
 
             client = flight.connect(location)
             start = time.perf_counter()
             table = client.do_get(flight.Ticket(b"weights")).read_all()
             seconds = time.perf_counter() - start
-            column = table.column("bytes").combine_chunks()
-            return seconds, crc(np.frombuffer(column.buffers()[1], dtype=np.uint8, count=len(column)))
+
+            def checksum() -> int:
+                column = table.column("bytes").combine_chunks()
+                return crc(np.frombuffer(column.buffers()[1], dtype=np.uint8, count=len(column)))
+
+            return self._result(seconds, checksum, check)
 
         def start_mode(self, config: Any) -> None:
             import weightwire as ww
@@ -222,9 +239,9 @@ def _actors() -> tuple[Any, Any]:
                 self.client.close()
             self.client = ww.create_client(config)
 
-        def receive(self) -> tuple[float, int]:
+        def receive(self, check: bool = True) -> tuple[float, int | None]:
             update = self.client.receive_weights(None, wait=True, timeout_s=300)
-            return update.seconds, tree_crc(update.params)
+            return self._result(update.seconds, lambda: tree_crc(update.params), check)
 
         def close(self) -> None:
             if self.client is not None:
