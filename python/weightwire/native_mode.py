@@ -267,21 +267,21 @@ class Client(BaseClient):
         self._streams = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, config.native_streams - 1), thread_name_prefix="weightwire-native-recv")
         self._host_id = host_id()
-        self._shm_failed = False  # the same-host path failed once: use TCP from then on
+        self._shm_unreachable: set[str] = set()  # same-host sockets that failed: TCP for those servers
 
     # --- staging ----------------------------------------------------------------------------
-    def _staging(self, nbytes: int) -> tuple[HostBuffer, bool]:
-        """A pinned buffer of at least nbytes, and whether it came from the pool. Buffers whose
-        arrays are still alive (jax on CPU aliases them) stay reserved, so a client holding many
-        versions gets one-off buffers instead of waiting."""
+    def _staging(self, nbytes: int) -> tuple[HostBuffer, StagingPool | None]:
+        """A pinned buffer of at least nbytes, and the pool to release it to (None: a one-off).
+        Buffers whose arrays are still alive (jax on CPU aliases them) stay reserved, so a client
+        holding many versions gets one-off buffers instead of waiting."""
         if self._pool is None or self._pool.capacity_bytes < 3 * nbytes:
             if self._pool is not None:
-                self._pool.close()
+                self._pool.close()  # its buffers in use are freed when released
             self._pool = StagingPool(max(3 * nbytes, 1 << 20), register_cuda=_on_gpu())
         try:
-            return self._pool.acquire(nbytes), True
+            return self._pool.acquire(nbytes), self._pool
         except StagingExhaustedError:
-            return HostBuffer(nbytes, register_cuda=_on_gpu()), False
+            return HostBuffer(nbytes, register_cuda=_on_gpu()), None
 
     # --- fetching ---------------------------------------------------------------------------
     def _fetch(self, manifest: Manifest, specs: list[Any], deadline: float) -> list[Any] | None:
@@ -290,7 +290,7 @@ class Client(BaseClient):
         location: NativeLocation = manifest.location
         plan = _native.ChunkPlan([leaf.nbytes for leaf in manifest.leaves], location.chunk_bytes)
         plan.crcs = list(location.chunk_crcs)
-        buffer, pooled = self._staging(max(plan.total_bytes, 1))
+        buffer, pool = self._staging(max(plan.total_bytes, 1))
         try:
             if self._use_shared_memory(location):
                 fetched = self._fetch_shared(manifest, location, plan, buffer, deadline)
@@ -303,26 +303,26 @@ class Client(BaseClient):
             views = [_leaf_view(buffer, offset, spec) for offset, spec in zip(plan.leaf_offsets, specs, strict=True)]
             return jax.block_until_ready([jax.device_put(v, s.sharding) for v, s in zip(views, specs, strict=True)])
         finally:
-            if pooled:
-                assert self._pool is not None
-                self._pool.release(buffer)  # reserved while arrays aliasing it are alive
+            if pool is not None:
+                pool.release(buffer)  # reserved while arrays aliasing it are alive
 
     def _use_shared_memory(self, location: NativeLocation) -> bool:
-        return (self._config.native_shared_memory and not self._shm_failed
-                and location.shared_memory_socket is not None and location.host_id == self._host_id)
+        return (self._config.native_shared_memory and location.shared_memory_socket is not None
+                and location.shared_memory_socket not in self._shm_unreachable and location.host_id == self._host_id)
 
     def _fetch_shared(self, manifest: Manifest, location: NativeLocation, plan: Any, buffer: HostBuffer,
                       deadline: float) -> bool | None:
         """True once the version is in `buffer`, False if superseded, None if the same-host path
         cannot be used (the caller falls back to TCP)."""
         request = Request(manifest.epoch, manifest.weight_id, 0, 1, Kind.SHARED_MEMORY)
+        assert location.shared_memory_socket is not None  # _use_shared_memory checked
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(min(remaining(deadline), HANDSHAKE_TIMEOUT_S))
             try:
-                sock.connect(location.shared_memory_socket or "")
+                sock.connect(location.shared_memory_socket)
             except (ConnectionRefusedError, FileNotFoundError) as exc:
                 logger.info("native client: no shared-memory path to %s (%s); using TCP", location.address, exc)
-                self._shm_failed = True
+                self._shm_unreachable.add(location.shared_memory_socket)
                 return None
             except OSError as exc:
                 raise _transfer_error(exc, location, manifest) from None
