@@ -127,3 +127,20 @@ def test_settled_tickets_of_clients_that_never_finished_are_forgotten(state: Coo
     clock.now += SETTLED_TTL_S + 1
     state.take_requests("e1")
     assert state.tickets() == []
+
+
+def test_the_newest_version_is_what_the_version_socket_sends(state: CoordinatorState) -> None:
+    from weightwire.coordinator import VERSION_HEADER, encode_version
+
+    def decode(reply: bytes) -> tuple[str, int] | None:
+        weight_id, size = VERSION_HEADER.unpack(reply[:VERSION_HEADER.size])
+        assert len(reply) == VERSION_HEADER.size + size
+        return None if weight_id < 0 else (reply[VERSION_HEADER.size:].decode(), weight_id)
+
+    assert state.latest_version() is None and decode(encode_version(None)) is None
+    state.publish("e1", 3, manifest("e1", 3))
+    assert state.latest_version() == ("e1", 3)
+    assert decode(encode_version(state.latest_version())) == ("e1", 3)
+    assert decode(encode_version(("époque-" + "x" * 70000, 2**62))) == ("époque-" + "x" * 70000, 2**62)
+    state.register_server("e2", "trainer-b:6000")  # a restart: nothing of e2 is published yet
+    assert state.latest_version() is None

@@ -105,6 +105,21 @@ def test_late_client_gets_the_latest_and_counts_what_it_skipped(server: Any, cli
     assert_bit_exact(update.params, make_params(4))
 
 
+def test_a_lagging_announcement_is_never_returned(server: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The announcement a client starts fetching may lag a publish that already returned: the
+    coordinator, asked in parallel, names the newer version, and that one is returned."""
+    publish(server, 1, make_params(1))
+    lagging = client._coordinator.call("latest")  # keeps version 1 readable in ray mode
+    publish(server, 2, make_params(2))
+    monkeypatch.setattr(client._announcements, "newest", lambda: lagging)
+    fetched = []
+    real_fetch = client._fetch
+    monkeypatch.setattr(client, "_fetch", lambda m, *a: fetched.append(m.weight_id) or real_fetch(m, *a))
+    update = client.receive_weights(None)
+    assert fetched[0] == 1 and update.weight_id == 2  # it did start on the lagging one
+    assert_bit_exact(update.params, make_params(2))
+
+
 def test_concurrent_clients(config: ww.TransferConfig, server: Any) -> None:
     params = make_params(7)
     publish(server, 7, params)

@@ -4,13 +4,19 @@ typed errors."""
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 from typing import Any
 
 from weightwire.config import TransferConfig
-from weightwire.coordinator import coordinator_actor
+from weightwire.coordinator import VERSION_HEADER, VERSION_REQUEST, coordinator_actor
 from weightwire.errors import CoordinatorError, TransferTimeoutError
 
 logger = logging.getLogger(__name__)
+
+# How long a first connect to the coordinator's version socket may take before clients give up on it.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def ensure_ray(config: TransferConfig) -> Any:
@@ -33,6 +39,11 @@ class CoordinatorClient:
         self._name = config.coordinator_name
         self._timeout_s = config.timeout_s
         self._user_id = user_id
+        self._version_lock = threading.Lock()
+        self._version_address: str | None = None
+        self._version_socket_works = True  # until a connect fails: then actor calls only
+        self._idle_version_sockets: list[socket.socket] = []  # connected, no reply pending
+        self._detached = False
         for attempt in (1, 2):
             try:
                 self.actor = coordinator_actor(config.coordinator_name, config.ray_namespace)
@@ -80,8 +91,63 @@ class CoordinatorClient:
         """Fire and forget, for bookkeeping off the critical path (a failure is only logged by Ray)."""
         self.actor.call.remote(method, *args)
 
+    def ask_latest_version(self, timeout_s: float) -> LatestVersion:
+        """Asks for the newest (epoch, weight_id) and returns at once (bar a first connect, within
+        timeout_s); its answer() waits for the reply, which reflects every publish that returned
+        before this call. Asked on the coordinator's version socket where it can be reached (a
+        round trip there costs a fraction of an actor call's, and receive_weights waits on it),
+        else by an actor call."""
+        conn = self._version_socket(timeout_s)
+        if conn is not None:
+            try:
+                conn.sendall(VERSION_REQUEST)
+                return LatestVersion(self, conn=conn)
+            except OSError as exc:
+                conn.close()
+                logger.debug("coordinator %r: version socket: %s; asking the actor", self._name, exc)
+        return LatestVersion(self, ref=self.actor.latest_version.remote())
+
+    def _version_socket(self, timeout_s: float) -> socket.socket | None:
+        """An idle connection to the version socket: one no other caller uses, with no reply
+        pending (one left with a reply unread is closed, never reused), or None where it cannot
+        be reached."""
+        with self._version_lock:
+            if self._idle_version_sockets:
+                return self._idle_version_sockets.pop()
+            if not self._version_socket_works or self._detached:
+                return None
+        from weightwire import net
+
+        limit = min(timeout_s, CONNECT_TIMEOUT_S)
+        try:
+            if self._version_address is None:
+                self._version_address = self.get(self.actor.version_address.remote(), limit, "version_address")
+            conn = net.connect(self._version_address, limit)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+        except (OSError, CoordinatorError) as exc:  # TransferTimeoutError is an OSError too
+            if isinstance(exc, TimeoutError) and limit < CONNECT_TIMEOUT_S:
+                return None  # the caller's deadline cut it short, not the socket: try again next time
+            # Asking the actor is always correct, just slower: keep doing that from now on.
+            logger.warning("coordinator %r: version socket %s unreachable (%s); checking versions by actor "
+                           "calls", self._name, self._version_address, exc)
+            self._version_socket_works = False
+            return None
+
+    def _reuse_version_socket(self, conn: socket.socket) -> None:
+        with self._version_lock:
+            if not self._detached:
+                self._idle_version_sockets.append(conn)
+                return
+        conn.close()
+
     def detach(self) -> None:
         """Leaves; the last user to leave removes the coordinator."""
+        with self._version_lock:
+            self._detached = True
+            idle, self._idle_version_sockets = self._idle_version_sockets, []
+        for conn in idle:
+            conn.close()
         try:
             remaining = self.call("detach", self._user_id, timeout_s=min(self._timeout_s, 10.0))
         except (CoordinatorError, TransferTimeoutError) as exc:
@@ -90,3 +156,52 @@ class CoordinatorClient:
         if remaining == 0:
             logger.info("last user left: removing coordinator %r", self._name)
             self._ray.kill(self.actor)
+
+
+class LatestVersion:
+    """A question for the newest (epoch, weight_id), sent: answer() waits for the reply, abandon()
+    drops it unread. Exactly one of the two releases it."""
+
+    def __init__(self, coordinator: CoordinatorClient, *, conn: socket.socket | None = None, ref: Any = None) -> None:
+        self._coordinator = coordinator
+        self._conn = conn
+        self._ref = ref
+
+    def answer(self, timeout_s: float) -> tuple[str, int] | None:
+        coordinator, conn, self._conn = self._coordinator, self._conn, None
+        if conn is None:
+            return coordinator.get(self._ref, timeout_s, "latest_version")
+        deadline = time.monotonic() + timeout_s
+        try:
+            weight_id, size = VERSION_HEADER.unpack(_recv_exactly(conn, VERSION_HEADER.size, deadline))
+            epoch = _recv_exactly(conn, size, deadline).decode() if size else ""
+        except TimeoutError:
+            conn.close()
+            raise TransferTimeoutError(f"coordinator {coordinator._name!r}: the version socket did not answer "
+                                       f"within {timeout_s:.3g} s") from None
+        except OSError as exc:
+            conn.close()
+            logger.debug("coordinator %r: version socket: %s; asking the actor", coordinator._name, exc)
+            # Asked afresh, hence still after the question this answers was asked.
+            return coordinator.get(coordinator.actor.latest_version.remote(), timeout_s, "latest_version")
+        coordinator._reuse_version_socket(conn)
+        return None if weight_id < 0 else (epoch, weight_id)
+
+    def abandon(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # its reply may still come: never reuse it
+            self._conn = None
+
+
+def _recv_exactly(conn: socket.socket, size: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("the coordinator closed the version socket")
+        data += chunk
+    return bytes(data)

@@ -3,12 +3,16 @@ server's offer. It holds addresses, versions, manifests and tickets, never array
 
 CoordinatorState is the whole logic as a plain class (unit-tested without Ray);
 coordinator_actor() wraps it in a named, detached Ray actor whose waits are asyncio long-polls.
+The actor also answers one question over a plain TCP socket, the version socket: which version is
+the newest. Every receive_weights asks it, and a socket round trip costs a fraction of an actor
+call's.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +27,19 @@ SERVER_SILENCE_S = 10.0
 # Settled tickets (expired, refused, failed) are forgotten this long after they settled, even if
 # their client died before saying finish().
 SETTLED_TTL_S = 60.0
+
+
+# The version socket's wire format: each request is one byte (any byte); each reply is the newest
+# version as weight_id (int64, -1 while there is none), the epoch's length (uint32), the epoch (UTF-8).
+VERSION_REQUEST = b"?"
+VERSION_HEADER = struct.Struct("!qI")
+
+
+def encode_version(version: tuple[str, int] | None) -> bytes:
+    if version is None:
+        return VERSION_HEADER.pack(-1, 0)
+    epoch = version[0].encode()
+    return VERSION_HEADER.pack(version[1], len(epoch)) + epoch
 
 
 @dataclass
@@ -120,6 +137,10 @@ class CoordinatorState:
     def latest(self) -> Manifest | None:
         return self._latest
 
+    def latest_version(self) -> tuple[str, int] | None:
+        """(epoch, weight_id) of the newest version: what a client needs to check it is current."""
+        return None if self._latest is None else (self._latest.epoch, self._latest.weight_id)
+
     def request(self, client_id: str, epoch: str, weight_id: int) -> int:
         """Asks the server of `epoch` to offer `weight_id` to this client; returns a request id."""
         if self._server is None or self._server.epoch != epoch:
@@ -192,6 +213,7 @@ def coordinator_actor(name: str, namespace: str) -> Any:
         def __init__(self) -> None:
             self._state = CoordinatorState()
             self._changed: asyncio.Condition | None = None
+            self._versions: asyncio.Future[asyncio.Server] | None = None
 
         def _condition(self) -> asyncio.Condition:
             if self._changed is None:  # created inside the actor's event loop
@@ -239,6 +261,35 @@ def coordinator_actor(name: str, namespace: str) -> Any:
             """request() and wait_ticket() in one round trip: the client's critical path."""
             request_id = await self._call("request", client_id, epoch, weight_id)
             return await self.wait_ticket(request_id, timeout_s)
+
+        async def latest_version(self) -> tuple[str, int] | None:
+            """What the version socket answers, for clients that cannot reach it. A read: it wakes
+            no waiter, and the reply carries no manifest (whose ObjectRef would make the client a
+            borrower of the version's bytes)."""
+            return self._state.latest_version()
+
+        async def version_address(self) -> str:
+            """Where the version socket listens ("host:port"), started on first use: port 0 on
+            this node's address, never a wildcard, so any peer in the cluster can use it."""
+            from weightwire.net import format_address
+
+            if self._versions is None:  # a future, so callers that overlap start one server
+                self._versions = asyncio.ensure_future(
+                    asyncio.start_server(self._answer_versions, ray.util.get_node_ip_address(), 0))
+            host, port = (await self._versions).sockets[0].getsockname()[:2]
+            return format_address(host, port)
+
+        async def _answer_versions(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # On the actor's event loop, like every state change: a reply reflects every publish
+            # that returned before its request arrived (what receive_weights' freshness needs).
+            try:
+                while await reader.read(1):
+                    writer.write(encode_version(self._state.latest_version()))
+                    await writer.drain()  # a peer that does not read stops being answered
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
 
         async def wait_newer(self, epoch: str | None, weight_id: int | None, timeout_s: float) -> Manifest | None:
             await self._wait_for(lambda: _newer(self._state.latest(), epoch, weight_id), timeout_s)

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from weightwire._checks import int_arg, seconds_arg
-from weightwire._ray import CoordinatorClient
+from weightwire._ray import CoordinatorClient, LatestVersion
 from weightwire.api import ClientMetrics, ServerMetrics, WeightUpdate
 from weightwire.config import TransferConfig
 from weightwire.errors import CoordinatorError, IntegrityError, TransferTimeoutError, WeightTransferError
@@ -178,8 +178,9 @@ class Announcements:
         self._thread.join(self.POLL_S + 6.0)
 
 
-def _supersedes(newer: Manifest | None, than: Manifest) -> bool:
-    return newer is not None and (newer.epoch != than.epoch or newer.weight_id > than.weight_id)
+def _supersedes(newer: tuple[str, int] | None, than: Manifest) -> bool:
+    """Whether the (epoch, weight_id) the coordinator calls newest is past `than`."""
+    return newer is not None and (newer[0] != than.epoch or newer[1] > than.weight_id)
 
 
 def remaining(deadline: float) -> float:
@@ -245,12 +246,13 @@ class BaseClient:
         deadline = time.monotonic() + timeout
         refused: tuple[str, int] | None = None  # a version the trainer would not serve
         announced = self._announcements.newest()
+        check: LatestVersion | None = None
         try:
             while True:
                 check = None  # the coordinator's answer, asked in parallel with a fetch we started early
                 if self._is_newer(announced):
                     manifest, announced = announced, None
-                    check = self._coordinator.actor.call.remote("latest")
+                    check = self._coordinator.ask_latest_version(remaining(deadline))
                 else:
                     manifest = self._coordinator.call("latest", timeout_s=remaining(deadline))
                 if manifest is not None and (manifest.epoch, manifest.weight_id) == refused:
@@ -280,9 +282,9 @@ class BaseClient:
                 except WeightTransferError:
                     if check is None:
                         raise
+                    check.abandon()
                     continue  # an announcement already overtaken (a replaced trainer): ask afresh
-                if check is not None and _supersedes(self._coordinator.get(check, remaining(deadline), "latest"),
-                                                     manifest):
+                if check is not None and _supersedes(check.answer(remaining(deadline)), manifest):
                     continue  # a newer version was published meanwhile: that is the one to return
                 if leaves is not None:
                     return self._record(manifest, manifest.treedef.unflatten(leaves), time.perf_counter() - start)
@@ -294,6 +296,9 @@ class BaseClient:
         except WeightTransferError:
             self._metrics.failures += 1
             raise
+        finally:
+            if check is not None:
+                check.abandon()  # raised between asking and reading the answer; else a no-op
 
     def _record(self, manifest: Manifest, params: Any, seconds: float) -> WeightUpdate:
         skipped = 0
