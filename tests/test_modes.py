@@ -190,6 +190,20 @@ def test_spec_mismatch_raises_before_any_byte_moves(server: Any, client: Any) ->
     assert client.metrics().transfers == 0
 
 
+def test_a_placeholder_that_matched_before_is_checked_again_when_anything_changes(server: Any, client: Any) -> None:
+    """The check is remembered across versions of one run, but not past a change on either side."""
+    good = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+    publish(server, 1, good)
+    assert client.receive_weights(good).weight_id == 1
+    publish(server, 2, good)
+    with pytest.raises(ww.SpecMismatchError, match="dtype float32"):
+        client.receive_weights({"w": jnp.ones((4, 4), jnp.float32)})
+    assert client.receive_weights(good).weight_id == 2
+    publish(server, 3, {"w": jnp.ones((4, 5), jnp.bfloat16)})  # the trainer's side changes
+    with pytest.raises(ww.SpecMismatchError, match=r"shape \(4, 4\), offered \(4, 5\)"):
+        client.receive_weights(good)
+
+
 def test_served_arrays_stay_valid_after_the_trainer_deletes_its_copy(server: Any, client: Any) -> None:
     params = make_params(5)
     expected = jax.tree.map(np.array, params)

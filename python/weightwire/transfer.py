@@ -210,6 +210,7 @@ class BaseClient:
         self._weight_id: int | None = None
         self._metrics = ClientMetrics()
         self._closed = False
+        self._checked: tuple[Any, list[Any]] | None = None  # the last check_placeholder: (what it saw, specs)
 
     # --- mode hooks -------------------------------------------------------------------------
     def _fetch(self, manifest: Manifest, specs: list[Any], deadline: float) -> list[Any] | None:
@@ -274,7 +275,7 @@ class BaseClient:
                 start = time.perf_counter()  # the transfer, not the wait for a version, is timed
                 placeholder = old_params if old_params is not None else placeholder_from_manifest(
                     manifest, self._shardings)
-                specs = check_placeholder(manifest, placeholder, check_layout=self.check_layout)
+                specs = self._specs(manifest, placeholder)
                 try:
                     leaves = self._fetch(manifest, specs, deadline) if specs else []
                 except (IntegrityError, TransferTimeoutError):
@@ -299,6 +300,22 @@ class BaseClient:
         finally:
             if check is not None:
                 check.abandon()  # raised between asking and reading the answer; else a no-op
+
+    def _specs(self, manifest: Manifest, placeholder: Any) -> list[Any]:
+        """check_placeholder, redone only when the manifest's tree or leaves or the placeholder's
+        tree, shapes, dtypes or shardings differ from the last call's: versions of one run share
+        them, and the full check costs as much as the rest of a small update's overhead."""
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(placeholder)
+        seen = (manifest.treedef, manifest.leaves, treedef,
+                [(getattr(leaf, "shape", None), getattr(leaf, "dtype", None), getattr(leaf, "sharding", None))
+                 for leaf in leaves])
+        if self._checked is not None and self._checked[0] == seen:
+            return self._checked[1]
+        specs = check_placeholder(manifest, placeholder, check_layout=self.check_layout)
+        self._checked = (seen, specs)
+        return specs
 
     def _record(self, manifest: Manifest, params: Any, seconds: float) -> WeightUpdate:
         skipped = 0
