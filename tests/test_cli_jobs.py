@@ -31,8 +31,8 @@ def test_demo_runs_every_mode_verifies_every_version_and_cleans_up() -> None:
     result = _weightwire("demo", "--mode", "all", "--size", "8", "--layers", "2", "--steps", "3",
                          "--step-seconds", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "OK: every received version matched the trainer's digest (jax, ray, checkpoint)" in result.stdout
-    for mode in ("jax", "ray", "checkp"):
+    assert "OK: every received version matched the trainer's digest (jax, ray, checkpoint, native)" in result.stdout
+    for mode in ("jax", "ray", "checkp", "native"):
         assert f"│ {mode}" in result.stdout
     assert _raylets() == raylets, "the demo left Ray processes behind"
     assert _shm() <= shm, "the demo left shared memory behind"

@@ -76,7 +76,7 @@ def test_a_server_killed_mid_transfer_fails_clients_by_their_deadline(ray_cluste
                                                                      config: ww.TransferConfig) -> None:
     ray = ray_cluster
     trainer, pulling, waiting = Trainer.remote(config), Rollout.remote(config), Rollout.remote(config)
-    timeout_s = 8.0
+    timeout_s = 5.0
     try:
         ray.get([pulling.client_id.remote(), waiting.client_id.remote()], timeout=60)
         assert ray.get(trainer.serve.remote(1, BIG), timeout=60)

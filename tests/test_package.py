@@ -26,6 +26,8 @@ def test_stub_declares_exactly_what_the_native_module_exports() -> None:
         stub = pathlib.Path(weightwire.__file__).with_name("_native.pyi")
     tree = ast.parse(stub.read_text())
     declared = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    declared |= {node.target.id for node in tree.body
+                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
     exported = {name for name in dir(_native) if not name.startswith("_")}
     assert declared == exported
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
