@@ -81,3 +81,28 @@ def test_a_client_that_cannot_reach_it_asks_the_actor(server: Any, coordinator: 
         serve(server, 2)
         asked = coordinator.ask_latest_version(10.0)
         assert asked._ref is not None and asked.answer(10.0) == (server.epoch, 2)  # no second connect attempt
+
+
+def test_a_made_up_epoch_length_is_never_read_and_the_actor_answers_instead(
+        server: Any, coordinator: CoordinatorClient) -> None:
+    import threading
+
+    from weightwire.coordinator import VERSION_HEADER
+
+    serve(server, 7)
+    done = threading.Event()
+    with net.bind("127.0.0.1") as impostor:
+        def answer_garbage() -> None:
+            with impostor.accept(10.0) as conn:
+                conn.recv(1)
+                conn.sendall(VERSION_HEADER.pack(7, 1 << 31))  # "a 2 GiB epoch follows", then nothing
+                done.wait(20)  # the connection stays open: a reader that believed it would wait
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        coordinator._version_address = impostor.address
+        try:
+            assert coordinator.ask_latest_version(10.0).answer(3.0) == (server.epoch, 7)
+        finally:
+            done.set()
+            thread.join(10)

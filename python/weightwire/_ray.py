@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 # How long a first connect to the coordinator's version socket may take before clients give up on it.
 CONNECT_TIMEOUT_S = 5.0
+# Epochs are uuid4 hex strings (32 bytes); anything much longer on the version socket is garbage.
+MAX_EPOCH_BYTES = 256
 
 
 def ensure_ray(config: TransferConfig) -> Any:
@@ -174,6 +176,8 @@ class LatestVersion:
         deadline = time.monotonic() + timeout_s
         try:
             weight_id, size = VERSION_HEADER.unpack(_recv_exactly(conn, VERSION_HEADER.size, deadline))
+            if size > MAX_EPOCH_BYTES:  # never read (or allocate) a length the peer made up
+                raise ConnectionError(f"the version socket announced a {size}-byte epoch")
             epoch = _recv_exactly(conn, size, deadline).decode() if size else ""
         except TimeoutError:
             conn.close()
