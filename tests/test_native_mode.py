@@ -264,3 +264,21 @@ def test_paths_of_leaves_on_a_mesh_round_trip(server: Any, client: Any) -> None:
                                                  params))
     assert update.params["w"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(update.params["w"]), np.arange(64, dtype=np.float32))
+
+
+def test_the_shared_segment_a_client_gets_is_read_only(ray_cluster: Any) -> None:
+    with ww.create_server(native_config()) as server, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        server.serve_weights(1, make_params(1, SIZE))
+        sock.settimeout(10.0)
+        sock.connect(server._shm_name)
+        status, fds = handshake.client_side(sock, server._secret, Request(server.epoch, 1, 0, 1, Kind.SHARED_MEMORY))
+    assert status is Status.OK and len(fds) == 1
+    try:
+        with pytest.raises(OSError):
+            os.write(fds[0], b"x")
+        import mmap
+
+        with pytest.raises(PermissionError):
+            mmap.mmap(fds[0], 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fds[0])

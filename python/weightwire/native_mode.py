@@ -208,7 +208,12 @@ class Server(BaseServer):
                     self._metrics.refusals += 1
                 return
             if shm:
-                socket.send_fds(conn, [side.reply(Status.OK)], [version.buffer.fileno()])
+                # A read-only descriptor of the segment: a client can map and read it, never write it.
+                read_only = os.open(f"/proc/self/fd/{version.buffer.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    socket.send_fds(conn, [side.reply(Status.OK)], [read_only])
+                finally:
+                    os.close(read_only)
             else:
                 conn.sendall(side.reply(Status.OK))
                 with self._lock:
