@@ -22,6 +22,30 @@ def _shm() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
 
 
+def _has_descendant(root: int, title: str) -> bool:
+    """Whether a process under `root` has `title` in its command line (Ray names actor processes
+    "ray::<Class>..."). Only descendants count: processes of another cluster, or a previous run's
+    still exiting, are not this job's."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    for pid in parents:
+        ancestor = pid
+        while ancestor in parents and ancestor not in (0, 1, root):
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            try:
+                if title in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _weightwire(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "weightwire", *args], capture_output=True, text=True, timeout=540)
 
@@ -65,7 +89,7 @@ def test_ctrl_c_stops_the_demo_and_leaves_nothing_behind() -> None:
     try:
         deadline = time.monotonic() + 120
         # Interrupt once rollout actors exist, i.e. in the middle of the job.
-        while subprocess.run(["pgrep", "-f", "ray::Rollout"], capture_output=True).returncode != 0:
+        while not _has_descendant(demo.pid, "ray::Rollout"):
             assert time.monotonic() < deadline, "the demo's rollout actors never started"
             try:  # waiting on the demo itself paces the polling
                 demo.wait(timeout=0.2)
