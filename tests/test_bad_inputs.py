@@ -86,7 +86,7 @@ ROWS = [
     Row("receive_weights", "timeout_s as a str", TypeError, lambda live: live[1].receive_weights(None, timeout_s="1")),
     Row("receive_weights", "wait as a str", TypeError, lambda live: live[1].receive_weights(None, wait="yes")),
     Row("net.parse_address", "no port", ValueError, lambda _: net.parse_address("127.0.0.1")),
-    Row("net.parse_address", "port above 65535", ValueError, lambda _: net.parse_address("127.0.0.1:70000")),
+    Row("net.parse_address", "port above 65535", ValueError, lambda _: net.parse_address(f"127.0.0.1:{1 << 16}")),
     Row("net.parse_address", "empty string", ValueError, lambda _: net.parse_address("")),
     Row("net.parse_address", "None", TypeError, lambda _: net.parse_address(None)),
     Row("net.bind", "negative port", ValueError, lambda _: net.bind("127.0.0.1", -1)),
