@@ -83,9 +83,12 @@ def test_ctrl_c_stops_the_demo_and_leaves_nothing_behind() -> None:
     import time
 
     raylets, shm = _raylets(), _shm()
+    # A test run started in the background inherits SIGINT ignored, and so would the demo: give it
+    # the default disposition a user's terminal gives it.
     demo = subprocess.Popen([sys.executable, "-m", "weightwire", "demo", "--size", "8", "--layers", "2",
                              "--steps", "1000", "--step-seconds", "0.05"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         # Interrupt once rollout actors exist, i.e. in the middle of the job.
