@@ -59,9 +59,9 @@ class Trainer:
 
         self.server.faults = SendFaults(**faults)
 
-    def sending(self) -> int:
-        """mode="native" only: streams being sent right now."""
-        return self.server._sending
+    def wait_sending(self, timeout_s: float) -> bool:
+        """mode="native" only: whether a stream is being sent, waiting up to timeout_s for one."""
+        return self.server.wait_sending(lambda n: n > 0, timeout_s)
 
     def close(self) -> None:
         self.server.close()

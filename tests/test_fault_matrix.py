@@ -167,6 +167,6 @@ def test_a_stalled_client_does_not_hold_back_the_others(ray_cluster: Any) -> Non
                 got = ray_cluster.get([r.receive.remote(BIG, wait=True, timeout_s=30) for r in others], timeout=60)
                 assert got == [(1, True), (1, True)]
                 assert time.monotonic() - start < 15
-                assert server._sending >= 1  # the stalled stream is still being sent, not dropped
+                assert server.wait_sending(lambda n: n >= 1, 0)  # the stalled stream is still being sent, not dropped
             finally:
                 kill(ray_cluster, *others)

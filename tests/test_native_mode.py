@@ -50,11 +50,16 @@ def receive_ok(client: Any, weight_id: int) -> None:
     assert matches(update.params, weight_id, SIZE)
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling an observable state, not synchronizing by sleeping
+class RecordWatch(logging.Handler):
+    """Sets `seen` once a record containing `text` is logged (in any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 @pytest.mark.parametrize(("faults", "error", "match", "timeout_s", "within_s"), [
@@ -94,6 +99,8 @@ def test_hostile_connections_are_dropped_and_logged_and_the_server_keeps_serving
         server: Any, client: Any, attack: str, caplog: pytest.LogCaptureFixture) -> None:
     server.serve_weights(1, make_params(1, SIZE))
     caplog.set_level(logging.INFO, logger="weightwire.native_mode")
+    dropped = RecordWatch("dropped a connection")
+    logging.getLogger("weightwire.native_mode").addHandler(dropped)
     request = Request(server.epoch, 1, 0, 1, Kind.TCP)
     with net.connect(server.address, 10.0) as sock:
         sock.settimeout(10.0)
@@ -108,8 +115,10 @@ def test_hostile_connections_are_dropped_and_logged_and_the_server_keeps_serving
         if attack != "silence then close":
             rest = sock.recv(1 << 16, socket.MSG_WAITALL)  # until the server hangs up
             assert rest == b"" or (len(rest) == handshake.HELLO_SIZE and rest.startswith(handshake.MAGIC))
-    wait_for(lambda: any("dropped a connection" in r.getMessage() for r in caplog.records), 15,
-             "the server to log the dropped connection")
+    try:
+        assert dropped.seen.wait(15), "the server never logged the dropped connection"
+    finally:
+        logging.getLogger("weightwire.native_mode").removeHandler(dropped)
     receive_ok(client, 1)
     secret_forms = (server._secret.hex(), repr(server._secret))
     assert not any(form in r.getMessage() for r in caplog.records for form in secret_forms)
@@ -161,9 +170,9 @@ def test_a_client_killed_mid_stream_leaves_the_server_serving(ray_cluster: Any) 
         server.faults = SendFaults(stall_after_bytes=200_000)  # keeps the victim mid-stream
         victim = Rollout.remote(config)
         pending = victim.receive.remote(SIZE, wait=True, timeout_s=60)
-        wait_for(lambda: server._sending > 0, 30, "the victim to be mid-stream")
+        assert server.wait_sending(lambda n: n > 0, 30), "the victim never got mid-stream"
         ray_cluster.kill(victim)
-        wait_for(lambda: server._sending == 0, 10, "the server to notice the dead client")
+        assert server.wait_sending(lambda n: n == 0, 10), "the server never noticed the dead client"
         with pytest.raises(ray_cluster.exceptions.RayActorError):
             ray_cluster.get(pending, timeout=30)
         server.faults = SendFaults()
@@ -186,7 +195,7 @@ def test_a_server_killed_mid_stream_fails_the_client_long_before_its_deadline(ra
 
         thread = threading.Thread(target=receive, daemon=True)
         thread.start()
-        wait_for(lambda: ray_cluster.get(trainer.sending.remote(), timeout=10) > 0, 30, "a stalled stream")
+        assert ray_cluster.get(trainer.wait_sending.remote(30.0), timeout=40), "no stream ever stalled"
         killed = time.monotonic()
         ray_cluster.kill(trainer)
         thread.join(30)

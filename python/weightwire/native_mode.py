@@ -114,7 +114,8 @@ class Server(BaseServer):
         self._connections: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         self.faults = SendFaults()
-        self._sending = 0  # streams being sent now
+        self._sending = 0  # streams being sent now; changes are announced on _sending_changed
+        self._host_id = host_id()
         try:
             if config.native_shared_memory:
                 self._shm_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,6 +127,7 @@ class Server(BaseServer):
         except BaseException:
             self._close_listeners()
             raise
+        self._sending_changed = threading.Condition(self._lock)
         self._acceptors = [threading.Thread(target=self._accept_loop, args=(self._accept_tcp,),
                                             name=f"weightwire-native-accept-{self.epoch[:8]}", daemon=True)]
         if self._shm_listener is not None:
@@ -148,7 +150,7 @@ class Server(BaseServer):
         with self._lock:
             self._version = _Version(manifest.epoch, manifest.weight_id, plan, buffer)  # the old one: dropped
         self._metrics.bytes_offered += manifest.nbytes
-        location = NativeLocation(self.address, self._shm_name, host_id(), plan.chunk_bytes, tuple(plan.crcs),
+        location = NativeLocation(self.address, self._shm_name, self._host_id, plan.chunk_bytes, tuple(plan.crcs),
                                   self._secret)
         return dataclasses.replace(manifest, location=location)
 
@@ -216,15 +218,13 @@ class Server(BaseServer):
                     os.close(read_only)
             else:
                 conn.sendall(side.reply(Status.OK))
-                with self._lock:
-                    self._sending += 1
+                self._count_sending(+1)
                 try:
                     _native.send_stripe(conn.fileno(), version.plan, version.buffer, request.stream, request.streams,
                                         epoch_tag(version.epoch), version.weight_id, self._config.timeout_s,
                                         **dataclasses.asdict(self.faults))
                 finally:
-                    with self._lock:
-                        self._sending -= 1
+                    self._count_sending(-1)
             if request.stream == 0:
                 with self._lock:
                     self._metrics.offers += 1
@@ -240,6 +240,17 @@ class Server(BaseServer):
                 self._connections.discard(conn)
                 self._handlers.discard(threading.current_thread())
             conn.close()
+
+    def _count_sending(self, change: int) -> None:
+        with self._sending_changed:
+            self._sending += change
+            self._sending_changed.notify_all()
+
+    def wait_sending(self, predicate: Any, timeout_s: float) -> bool:
+        """Waits until predicate(streams being sent now) holds; False past timeout_s. For tests
+        and monitoring: the count changes as streams start and end."""
+        with self._sending_changed:
+            return self._sending_changed.wait_for(lambda: predicate(self._sending), timeout_s)
 
     # --- shutdown ---------------------------------------------------------------------------
     def _close_listeners(self) -> None:
