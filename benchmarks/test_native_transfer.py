@@ -2,11 +2,11 @@
 processes (Ray actors), in the same run; every transfer is checked bit-exact (CRC32C).
 
 Per size, one group with the raw single-stream TCP socket (`sendall` -> `recv_into` into a buffer
-allocated in setup) as the reference, the raw JAX transfer-server pull, Arrow Flight `do_get`,
-native over TCP (shared memory off) and native over the same-host shared-memory path. Payloads
-and published versions are made in each round's untimed setup, and the received bytes are
-checksummed in its untimed teardown; the timed part is the Ray call(s) that move the bytes, whose
-overhead every path shares.
+allocated in setup) as the reference, raw JAX transfer-server pulls (one transport stream, and
+mode="jax"'s count), Arrow Flight `do_get`, native over TCP (shared memory off) and native over
+the same-host shared-memory path. Payloads and published versions are made in each round's
+untimed setup, and the received bytes are checksummed in its untimed teardown; the timed part is
+the Ray call(s) that move the bytes, whose overhead every path shares.
 
     pytest benchmarks/test_native_transfer.py --benchmark-enable
 """
@@ -56,16 +56,20 @@ def test_raw_tcp_reference(benchmark: Any, bench_actors: Any, size_mib: int) -> 
 
 
 @pytest.mark.parametrize("size_mib", SIZES_MIB)
-def test_raw_jax_transfer_pull(benchmark: Any, bench_actors: Any, size_mib: int) -> None:
+@pytest.mark.parametrize("transport_streams", [1, None], ids=["1-stream", "mode-jax-streams"])
+def test_raw_jax_transfer_pull(benchmark: Any, bench_actors: Any, size_mib: int, transport_streams: int | None) -> None:
+    """One transport stream is the plain call, the reference of issue 5's "3x the raw JAX pull"
+    (DESIGN.md's "pull (defaults)": JAX's defaults plus the one transport address two processes
+    need). None is what mode="jax" uses (TransferConfig.transport_streams, 2): a stricter bar."""
     ray, sender, receiver, _ = bench_actors
     benchmark.group = f"native-{size_mib}MiB"
     expected = bench.tree_crc(bench.tree_of(size_mib << 20, 0))
 
     def offer() -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return ray.get(sender.offer_pull.remote(size_mib << 20), timeout=300), {}
+        return ray.get(sender.offer_pull.remote(size_mib << 20, transport_streams), timeout=300), {}
 
     def pull(address: str, pull_id: int, specs: Any) -> None:
-        ray.get(receiver.pull.remote(address, pull_id, specs, check=False), timeout=300)
+        ray.get(receiver.pull.remote(address, pull_id, specs, transport_streams, check=False), timeout=300)
 
     run(benchmark, ray, receiver, pull, offer, lambda: expected, ROUNDS[size_mib])
 

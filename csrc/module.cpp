@@ -345,6 +345,16 @@ PYBIND11_MODULE(_native, m) {
             return ww::crc32c(in.data(), in.size(), crc);
         },
         "data"_a, "crc"_a = 0, "CRC32C of a contiguous buffer, continuing from crc.");
+    m.def("_crc32c_implementations", &ww::crc32c_implementations,
+          "The CRC32C implementations this CPU runs, fastest first (for tests).");
+    m.def(
+        "_crc32c_with",
+        [](const std::string& implementation, py::handle data, std::uint32_t crc) {
+            HeldBuffer in(data, PyBUF_SIMPLE, "data");
+            py::gil_scoped_release nogil;
+            return ww::crc32c_with(implementation, in.data(), in.size(), crc);
+        },
+        "implementation"_a, "data"_a, "crc"_a = 0, "crc32c with one named implementation (for tests).");
     m.def("copy_into", &copy_into, "dst"_a, "dst_offset"_a, "src"_a, "threads"_a,
           "Copy the bytes of src into dst at dst_offset; returns the byte count.");
 

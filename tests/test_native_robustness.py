@@ -47,6 +47,7 @@ valid = {
     "route_source": ("127.0.0.1",),
     "copy_into": (bytearray(64), 0, b"abc", 1),
     "crc32c": (b"abc", 0),
+    "_crc32c_with": ("table", b"abc", 0),
     "Listener": ("127.0.0.1", 0, 4),
     "HostBuffer": (4096,),
     "Listener.accept": (0.01,),

@@ -369,6 +369,39 @@ def test_copy_releases_the_gil() -> None:
         assert seen_unfinished, "the main thread could not run during the copy: the GIL was held"
 
 
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """CRC32C one bit at a time, straight from the definition (RFC 3720, reflected 0x82F63B78)."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_every_crc32c_implementation_agrees_with_the_definition() -> None:
+    """The folding path takes 256-byte steps from 512 bytes up and finishes the rest with the crc32
+    instruction, so lengths around those edges, odd start addresses and nonzero starting CRCs
+    are where a wrong fold constant or an off-by-one would show."""
+    from weightwire import _native
+
+    implementations = _native._crc32c_implementations()
+    assert implementations[-1] == "table"
+    data = np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    lengths = [0, 1, 7, 8, 255, 256, 511, 512, 513, 767, 768, 769, 1023, 1024, 1031, 4095, 4096, 4999]
+    for length in lengths:
+        for start, crc in ((0, 0), (1, 0x12345678), (3, 0xFFFFFFFF)):
+            piece = data[start:start + length]
+            expected = _crc32c_bitwise(piece, crc)
+            got = {name: _native._crc32c_with(name, piece, crc) for name in implementations}
+            assert set(got.values()) == {expected}, (length, start, got, expected)
+            assert _native.crc32c(piece, crc) == expected
+    big = np.random.default_rng(6).integers(0, 256, (3 << 20) + 77, dtype=np.uint8)
+    assert len({_native._crc32c_with(name, big[1:], 9) for name in implementations}) == 1
+    with pytest.raises(ValueError, match="CRC32C implementation pclmul-9000 is not available"):
+        _native._crc32c_with("pclmul-9000", b"abc")
+
+
 def test_crc32c_matches_the_standard_check_value_and_chains() -> None:
     from weightwire import _native
 

@@ -1,6 +1,6 @@
 """`python -m weightwire bench`: throughput of every mode next to references measured in the
-same run, between two processes (Ray actors): raw single-stream TCP, a raw JAX transfer-server
-pull, ray.put/ray.get, Arrow Flight do_get (when pyarrow is installed) and, in one process, a
+same run, between two processes (Ray actors): raw single-stream TCP, raw JAX transfer-server
+pulls (one transport stream, the plain call, and mode="jax"'s stream count), ray.put/ray.get, Arrow Flight do_get (when pyarrow is installed) and, in one process, a
 numpy memcpy. Every measured transfer is checked bit-exact (CRC32C); medians over repeats.
 """
 
@@ -72,6 +72,20 @@ def tree_crc(tree: Any) -> int:
     return value
 
 
+def _transfer_server(servers: dict[int, tuple[Any, str]], config: Any,
+                     transport_streams: int | None) -> tuple[Any, str]:
+    """A JAX transfer server with `transport_streams` data connections (None: the config's) and
+    its address, started on first use and kept in `servers`."""
+    import dataclasses
+
+    from weightwire.jax_mode import _start_transfer_server
+
+    streams = config.transport_streams if transport_streams is None else transport_streams
+    if streams not in servers:
+        servers[streams] = _start_transfer_server(dataclasses.replace(config, transport_streams=streams))
+    return servers[streams]
+
+
 def _actors() -> tuple[Any, Any]:
     import ray
 
@@ -80,7 +94,7 @@ def _actors() -> tuple[Any, Any]:
         def __init__(self, config: Any) -> None:
             self.config = config
             self.server: Any = None
-            self.transfer: Any = None
+            self.transfers: dict[int, tuple[Any, str]] = {}  # JAX transfer servers by transport streams
             self.flight: Any = None
             self.payload: np.ndarray | None = None
 
@@ -95,18 +109,17 @@ def _actors() -> tuple[Any, Any]:
                 sock.sendall(data.data)
 
         # raw JAX transfer server
-        def offer_pull(self, nbytes: int) -> tuple[str, int, list[Any]]:
+        def offer_pull(self, nbytes: int, transport_streams: int | None = None) -> tuple[str, int, list[Any]]:
+            """An offer of a fresh tree; the receiver must pull with the same transport_streams
+            (None: the config's, which mode="jax" uses)."""
             import jax
 
-            from weightwire.jax_mode import _start_transfer_server
-
-            if self.transfer is None:
-                self.transfer, self.transfer_address = _start_transfer_server(self.config)
+            server, address = _transfer_server(self.transfers, self.config, transport_streams)
             self.arrays = jax.block_until_ready(jax.tree.leaves(tree_of(nbytes, 0)))
             pull_id = secrets.randbits(63)
-            self.transfer.await_pull(pull_id, self.arrays)
+            server.await_pull(pull_id, self.arrays)
             specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.arrays]
-            return self.transfer_address, pull_id, specs
+            return address, pull_id, specs
 
         # ray object store
         def put(self, nbytes: int) -> list[Any]:
@@ -157,7 +170,7 @@ def _actors() -> tuple[Any, Any]:
         def __init__(self, config: Any) -> None:
             self.config = config
             self.client: Any = None
-            self.transfer: Any = None
+            self.transfers: dict[int, tuple[Any, str]] = {}  # JAX transfer servers by transport streams
             self.connections: dict[str, Any] = {}
             self.unchecked: Any = None  # the checksum of the last transfer, when not computed yet
 
@@ -196,18 +209,16 @@ def _actors() -> tuple[Any, Any]:
             self.listener.close()
             return self._result(seconds, lambda: crc(np.frombuffer(buffer, dtype=np.uint8)), check)
 
-        def pull(self, address: str, pull_id: int, specs: list[Any], check: bool = True) -> tuple[float, int | None]:
+        def pull(self, address: str, pull_id: int, specs: list[Any], transport_streams: int | None = None,
+                 check: bool = True) -> tuple[float, int | None]:
             import jax
 
-            from weightwire.jax_mode import _start_transfer_server
-
-            if self.transfer is None:
-                self.transfer, _ = _start_transfer_server(self.config)
+            server, _ = _transfer_server(self.transfers, self.config, transport_streams)
             specs = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(
                 jax.devices()[0])) for s in specs]
             start = time.perf_counter()
             if address not in self.connections:
-                self.connections[address] = self.transfer.connect(address)
+                self.connections[address] = server.connect(address)
             arrays = jax.block_until_ready(self.connections[address].pull(pull_id, specs))
             seconds = time.perf_counter() - start
             return self._result(seconds, lambda: tree_crc(arrays), check)
@@ -270,6 +281,12 @@ def mode_config(mode: str, coordinator_name: str, directory: str) -> Any:
                              native_shared_memory=mode != "native-tcp")
 
 
+def jax_pull_path(transport_streams: int) -> str:
+    """The name of a raw JAX pull path: one transport stream is the plain call (JAX's defaults need
+    at least one between two processes); mode="jax" uses TransferConfig.transport_streams."""
+    return f"raw jax pull, {transport_streams} stream{'s' if transport_streams > 1 else ''}"
+
+
 def _run_size(ray: Any, sender: Any, receiver: Any, size: int, repeats: int, modes: list[str],
               base: Any) -> list[Measurement]:
     """Every path at one size; the closures below run before this returns."""
@@ -291,16 +308,17 @@ def _run_size(ray: Any, sender: Any, receiver: Any, size: int, repeats: int, mod
         ray.get(sender.send_tcp.remote(address, nbytes))
         return ray.get(pending)
 
-    def jax_pull() -> tuple[float, int]:
-        address, pull_id, specs = ray.get(sender.offer_pull.remote(nbytes))
-        return ray.get(receiver.pull.remote(address, pull_id, specs))
+    def jax_pull(streams: int) -> tuple[float, int]:
+        address, pull_id, specs = ray.get(sender.offer_pull.remote(nbytes, streams))
+        return ray.get(receiver.pull.remote(address, pull_id, specs, streams))
 
     def ray_get() -> tuple[float, int]:
         return ray.get(receiver.get.remote(ray.get(sender.put.remote(nbytes))))
 
     paths = [("numpy memcpy (1 process)", memcpy, lambda: expected_payload),
              (REFERENCE, tcp, lambda: expected_payload),
-             ("raw jax transfer pull", jax_pull, lambda: tree_crc(tree_of(nbytes, 0))),
+             *[(jax_pull_path(streams), lambda streams=streams: jax_pull(streams),
+                lambda: tree_crc(tree_of(nbytes, 0))) for streams in sorted({1, base.transport_streams})],
              ("ray.put + ray.get", ray_get, lambda: expected_payload)]
     try:
         import pyarrow.flight  # noqa: F401

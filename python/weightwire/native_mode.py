@@ -362,33 +362,48 @@ class Client(BaseClient):
 
     def _fetch_tcp(self, manifest: Manifest, location: NativeLocation, plan: Any, buffer: HostBuffer,
                    deadline: float) -> bool:
+        """True once the version is in `buffer`, False if superseded. Every stream connects,
+        authenticates and receives in its own thread, so the handshakes' round trips overlap."""
         streams = self._config.native_streams
+        tag = epoch_tag(manifest.epoch)
         socks: list[socket.socket] = []
-        try:
-            for stream in range(streams):
-                sock = self._connect(location, deadline)
+        lock = threading.Lock()
+        stopped = False  # once set, streams not yet connected stop instead of starting
+
+        def receive(stream: int) -> bool:
+            nonlocal stopped
+            sock = self._connect(location, deadline)
+            with lock:
                 socks.append(sock)
-                request = Request(manifest.epoch, manifest.weight_id, stream, streams, Kind.TCP)
-                status, _ = self._handshake(sock, location, request, deadline)
-                if status is not Status.OK:
+                if stopped:
                     return False
-            tag = epoch_tag(manifest.epoch)
-
-            def receive(stream: int) -> None:
-                _native.recv_stripe(socks[stream].fileno(), plan, buffer, stream, streams, tag, manifest.weight_id,
-                                    remaining(deadline))
-
-            others = [self._streams.submit(receive, stream) for stream in range(1, streams)]
-            try:
-                receive(0)
-                for future in others:
-                    future.result()
-            except BaseException:
-                for sock in socks:  # the other streams stop at once instead of at the deadline
-                    _shutdown_quietly(sock)
-                concurrent.futures.wait(others)
-                raise
+            request = Request(manifest.epoch, manifest.weight_id, stream, streams, Kind.TCP)
+            status, _ = self._handshake(sock, location, request, deadline)
+            if status is not Status.OK:
+                return False
+            _native.recv_stripe(sock.fileno(), plan, buffer, stream, streams, tag, manifest.weight_id,
+                                remaining(deadline))
             return True
+
+        others = [self._streams.submit(receive, stream) for stream in range(1, streams)]
+        try:
+            try:
+                received = receive(0)
+                for future in others:
+                    if not received:
+                        break
+                    received = future.result()
+            except BaseException:
+                received = False
+                raise
+            finally:
+                if not received:  # failed or superseded: the other streams stop at once, not at the deadline
+                    with lock:
+                        stopped = True
+                        for sock in socks:
+                            _shutdown_quietly(sock)
+                    concurrent.futures.wait(others)
+            return received
         except OSError as exc:
             raise _transfer_error(exc, location, manifest) from None
         finally:
