@@ -163,6 +163,34 @@ def test_a_version_replaced_mid_transfer_still_arrives_whole_and_new_requests_ge
     receive_ok(client, 2)
 
 
+def test_a_version_replaced_between_a_transfers_handshakes_moves_no_bytes_and_the_newest_arrives(
+        server: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streams authenticate in parallel; when one is told its version was replaced, none of
+    them receives anything of it, and the client goes on to the newest at once."""
+    from weightwire import native_mode
+
+    server.serve_weights(1, make_params(1, SIZE))
+    handshake_of, recv_stripe = client._handshake, native_mode._native.recv_stripe
+    received_ids: list[int] = []
+
+    def replace_then_handshake(sock: Any, location: Any, request: Request, deadline: float) -> Any:
+        if request.weight_id == 1 and request.stream == 1:
+            server.serve_weights(2, make_params(2, SIZE))  # after stream 0's request, or before it
+        return handshake_of(sock, location, request, deadline)
+
+    def recording_recv_stripe(*args: Any) -> None:
+        received_ids.append(args[6])
+        recv_stripe(*args)
+
+    monkeypatch.setattr(client, "_handshake", replace_then_handshake)
+    monkeypatch.setattr(native_mode._native, "recv_stripe", recording_recv_stripe)
+    start = time.monotonic()
+    receive_ok(client, 2)
+    assert time.monotonic() - start < 10.0  # not held until the 30 s deadline
+    assert received_ids == [2, 2], received_ids  # both streams, and only of version 2
+    assert server.metrics().refusals >= 1
+
+
 def test_a_client_killed_mid_stream_leaves_the_server_serving(ray_cluster: Any) -> None:
     config = native_config(native_shared_memory=False)
     with ww.create_server(config) as server, ww.create_client(config) as client:

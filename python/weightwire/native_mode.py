@@ -362,53 +362,61 @@ class Client(BaseClient):
 
     def _fetch_tcp(self, manifest: Manifest, location: NativeLocation, plan: Any, buffer: HostBuffer,
                    deadline: float) -> bool:
-        """True once the version is in `buffer`, False if superseded. Every stream connects,
-        authenticates and receives in its own thread, so the handshakes' round trips overlap."""
+        """True once the version is in `buffer`, False if superseded. Every stream connects and
+        authenticates in its own thread, so the handshakes' round trips overlap; no stream
+        receives a byte until all are answered, and then only if all were answered OK."""
         streams = self._config.native_streams
         tag = epoch_tag(manifest.epoch)
         socks: list[socket.socket] = []
         lock = threading.Lock()
-        stopped = False  # once set, streams not yet connected stop instead of starting
+        statuses: list[Status | None] = [None] * streams
+        answered = threading.Barrier(streams)
+        stopped = False  # set when the transfer is given up: streams not yet connected do not start
 
-        def receive(stream: int) -> bool:
-            nonlocal stopped
-            sock = self._connect(location, deadline)
-            with lock:
-                socks.append(sock)
-                if stopped:
-                    return False
-            request = Request(manifest.epoch, manifest.weight_id, stream, streams, Kind.TCP)
-            status, _ = self._handshake(sock, location, request, deadline)
-            if status is not Status.OK:
+        def receive(stream: int) -> bool | None:
+            """True: received; False: superseded; None: gave up because another stream failed
+            (that stream raises) or the streams were not all answered by the deadline."""
+            try:
+                sock = self._connect(location, deadline)
+                with lock:
+                    socks.append(sock)
+                    if stopped:
+                        return None
+                request = Request(manifest.epoch, manifest.weight_id, stream, streams, Kind.TCP)
+                statuses[stream], _ = self._handshake(sock, location, request, deadline)
+                answered.wait(remaining(deadline))
+            except threading.BrokenBarrierError:
+                return None
+            except BaseException:
+                answered.abort()  # the other streams stop waiting for this one
+                raise
+            if any(status is not Status.OK for status in statuses):
                 return False
             _native.recv_stripe(sock.fileno(), plan, buffer, stream, streams, tag, manifest.weight_id,
                                 remaining(deadline))
             return True
 
         others = [self._streams.submit(receive, stream) for stream in range(1, streams)]
+        done = False
         try:
-            try:
-                received = receive(0)
-                for future in others:
-                    if not received:
-                        break
-                    received = future.result()
-            except BaseException:
-                received = False
-                raise
-            finally:
-                if not received:  # failed or superseded: the other streams stop at once, not at the deadline
-                    with lock:
-                        stopped = True
-                        for sock in socks:
-                            _shutdown_quietly(sock)
-                    concurrent.futures.wait(others)
-            return received
+            outcomes = [receive(0), *(future.result() for future in others)]
+            done = True
         except OSError as exc:
             raise _transfer_error(exc, location, manifest) from None
         finally:
+            if not done:  # the other streams stop at once instead of at the deadline
+                answered.abort()
+                with lock:
+                    stopped = True
+                    for sock in socks:
+                        _shutdown_quietly(sock)
+                concurrent.futures.wait(others)
             for sock in socks:
                 sock.close()
+        if None in outcomes:
+            raise TransferTimeoutError(f"weight_id {manifest.weight_id} from {location.address}: not every stream "
+                                       "was answered by the deadline")
+        return all(outcomes)
 
     def _connect(self, location: NativeLocation, deadline: float) -> socket.socket:
         sock = net.connect(location.address, remaining(deadline))
