@@ -67,8 +67,9 @@ def test_bench_measures_every_path_exactly_and_writes_json(tmp_path: Path) -> No
     result = _weightwire("bench", "--sizes", "4", "--repeats", "1", "--json", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     paths = {r["path"] for r in json.loads(out.read_text())["results"]}
-    assert {"raw TCP", "raw jax pull, 1 stream", "raw jax pull, 2 streams", "ray.put + ray.get", "numpy memcpy (1 process)",
-            "weightwire mode=jax", "weightwire mode=ray", "weightwire mode=checkpoint"} <= paths
+    assert {"raw TCP", "raw jax pull, 1 stream", "raw jax pull, 2 streams", "ray.put + ray.get",
+            "numpy memcpy (1 process)", "weightwire mode=jax", "weightwire mode=ray",
+            "weightwire mode=checkpoint"} <= paths
     assert "vs raw TCP" in result.stdout
 
 

@@ -1,7 +1,8 @@
 """`python -m weightwire bench`: throughput of every mode next to references measured in the
 same run, between two processes (Ray actors): raw single-stream TCP, raw JAX transfer-server
-pulls (one transport stream, the plain call, and mode="jax"'s stream count), ray.put/ray.get, Arrow Flight do_get (when pyarrow is installed) and, in one process, a
-numpy memcpy. Every measured transfer is checked bit-exact (CRC32C); medians over repeats.
+pulls (one transport stream, the plain call, and mode="jax"'s stream count), ray.put/ray.get,
+Arrow Flight do_get (when pyarrow is installed) and, in one process, a numpy memcpy. Every
+measured transfer is checked bit-exact (CRC32C); medians over repeats.
 """
 
 from __future__ import annotations
