@@ -191,6 +191,18 @@ def test_a_version_replaced_between_a_transfers_handshakes_moves_no_bytes_and_th
     assert server.metrics().refusals >= 1
 
 
+def test_the_next_version_finds_its_staging_buffer_already_allocated(server: Any, client: Any) -> None:
+    """A rollout holds the current weights while the next version arrives, so that one needs a
+    second staging buffer; it is allocated with the first, not during the second transfer."""
+    server.serve_weights(1, make_params(1, SIZE))
+    first = client.receive_weights(None, wait=True, timeout_s=30)  # held, as a rollout holds its weights
+    assert client._pool.stats().buffers == 2
+    server.serve_weights(2, make_params(2, SIZE))
+    second = client.receive_weights(None, wait=True, timeout_s=30)
+    assert client._pool.stats().buffers == 2  # nothing allocated during the second transfer
+    assert matches(first.params, 1, SIZE) and matches(second.params, 2, SIZE)
+
+
 def test_a_client_killed_mid_stream_leaves_the_server_serving(ray_cluster: Any) -> None:
     config = native_config(native_shared_memory=False)
     with ww.create_server(config) as server, ww.create_client(config) as client:

@@ -294,6 +294,12 @@ class Client(BaseClient):
             if self._pool is not None:
                 self._pool.close()  # its buffers in use are freed when released
             self._pool = StagingPool(max(3 * nbytes, 1 << 20), register_cuda=_on_gpu())
+            # The next version usually arrives while the caller still holds this one's arrays, so
+            # it needs a second buffer: allocate it now, with the first, rather than slow down
+            # the second transfer by its allocation (about 0.4 s per GiB here).
+            first = self._pool.acquire(nbytes)
+            self._pool.release(self._pool.acquire(nbytes))
+            return first, self._pool
         try:
             return self._pool.acquire(nbytes), self._pool
         except StagingExhaustedError:
