@@ -157,7 +157,8 @@ __attribute__((target("avx512f,vpclmulqdq,sse4.2"))) std::uint32_t crc32c_vpclmu
                                                                                   std::uint32_t c) {
     static const FoldConstants constants;
     // The register enters as the first 32 bits of the message.
-    __m512i a0 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_castsi128_si512(_mm_cvtsi32_si128(static_cast<int>(c))));
+    const __m512i c_lane = _mm512_castsi128_si512(_mm_cvtsi32_si128(static_cast<int>(c)));
+    __m512i a0 = _mm512_xor_si512(_mm512_loadu_si512(p), c_lane);
     __m512i a1 = _mm512_loadu_si512(p + 64);
     __m512i a2 = _mm512_loadu_si512(p + 128);
     __m512i a3 = _mm512_loadu_si512(p + 192);

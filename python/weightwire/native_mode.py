@@ -298,7 +298,10 @@ class Client(BaseClient):
             # it needs a second buffer: allocate it now, with the first, rather than slow down
             # the second transfer by its allocation (about 0.4 s per GiB here).
             first = self._pool.acquire(nbytes)
-            self._pool.release(self._pool.acquire(nbytes))
+            try:
+                self._pool.release(self._pool.acquire(nbytes))
+            except MemoryError:  # then it is allocated when needed, if it can be
+                logger.info("native client: no memory for a second staging buffer of %d bytes yet", nbytes)
             return first, self._pool
         try:
             return self._pool.acquire(nbytes), self._pool
