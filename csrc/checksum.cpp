@@ -3,6 +3,7 @@
 #include <array>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -195,39 +196,52 @@ bool has_vpclmul() {
 }
 #endif
 
+enum class Implementation { kVpclmul, kSse42, kTable };
+
+// The implementations this CPU runs, fastest first.
+std::vector<std::pair<std::string, Implementation>> available() {
+    std::vector<std::pair<std::string, Implementation>> out;
+#if defined(__x86_64__)
+    if (has_vpclmul()) out.emplace_back("vpclmul", Implementation::kVpclmul);
+    if (has_sse42()) out.emplace_back("sse42", Implementation::kSse42);
+#endif
+    out.emplace_back("table", Implementation::kTable);
+    return out;
+}
+
+// The raw register after `c` and n bytes, by an implementation this CPU runs.
+std::uint32_t run(Implementation implementation, const unsigned char* p, std::size_t n, std::uint32_t c) {
+#if defined(__x86_64__)
+    switch (implementation) {
+        case Implementation::kVpclmul:
+            if (n >= kMinFoldBytes) return crc32c_vpclmul(p, n, c);
+            [[fallthrough]];  // too short to fold: the crc32 instruction
+        case Implementation::kSse42:
+            return crc32c_sse42(p, n, c);
+        case Implementation::kTable:
+            break;
+    }
+#endif
+    return crc32c_table(p, n, c);
+}
+
 }  // namespace
 
 std::uint32_t crc32c(const void* data, std::size_t n, std::uint32_t crc) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    std::uint32_t c = ~crc;
-#if defined(__x86_64__)
-    if (n >= kMinFoldBytes && has_vpclmul()) return ~crc32c_vpclmul(p, n, c);
-    if (has_sse42()) return ~crc32c_sse42(p, n, c);
-#endif
-    return ~crc32c_table(p, n, c);
+    static const Implementation fastest = available().front().second;
+    return ~run(fastest, static_cast<const unsigned char*>(data), n, ~crc);
 }
 
 std::vector<std::string> crc32c_implementations() {
     std::vector<std::string> names;
-#if defined(__x86_64__)
-    if (has_vpclmul()) names.emplace_back("vpclmul");
-    if (has_sse42()) names.emplace_back("sse42");
-#endif
-    names.emplace_back("table");
+    for (const auto& entry : available()) names.push_back(entry.first);
     return names;
 }
 
 std::uint32_t crc32c_with(const std::string& implementation, const void* data, std::size_t n, std::uint32_t crc) {
-    const auto* p = static_cast<const unsigned char*>(data);
-    std::uint32_t c = ~crc;
-#if defined(__x86_64__)
-    // Short inputs take the crc32 instruction inside the folding path too.
-    if (implementation == "vpclmul" && has_vpclmul()) {
-        return ~(n >= kMinFoldBytes ? crc32c_vpclmul(p, n, c) : crc32c_sse42(p, n, c));
+    for (const auto& [name, which] : available()) {
+        if (name == implementation) return ~run(which, static_cast<const unsigned char*>(data), n, ~crc);
     }
-    if (implementation == "sse42" && has_sse42()) return ~crc32c_sse42(p, n, c);
-#endif
-    if (implementation == "table") return ~crc32c_table(p, n, c);
     throw std::invalid_argument("CRC32C implementation " + implementation + " is not available on this CPU");
 }
 

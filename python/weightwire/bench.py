@@ -8,6 +8,7 @@ measured transfer is checked bit-exact (CRC32C); medians over repeats.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import socket
@@ -77,8 +78,6 @@ def _transfer_server(servers: dict[int, tuple[Any, str]], config: Any,
                      transport_streams: int | None) -> tuple[Any, str]:
     """A JAX transfer server with `transport_streams` data connections (None: the config's) and
     its address, started on first use and kept in `servers`."""
-    import dataclasses
-
     from weightwire.jax_mode import _start_transfer_server
 
     streams = config.transport_streams if transport_streams is None else transport_streams
